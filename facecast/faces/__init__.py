@@ -1,0 +1,1 @@
+"""Face analysis: detect → landmarks (mesh) → embed."""

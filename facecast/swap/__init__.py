@@ -1,0 +1,1 @@
+"""Face replacement: warp, colour, blend."""

@@ -1,0 +1,138 @@
+"""Masks, colour transfer and blending for pasting a warped face into a frame.
+
+All functions work on a face's box (a crop), never the whole frame: blending cost scales
+with the face, not the resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+
+BlendMode = Literal["feather", "poisson"]
+
+
+def polygon_mask(shape: tuple[int, int], polygons: list[np.ndarray]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=np.uint8)
+    for poly in polygons:
+        cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    return mask
+
+
+def feathered(mask: np.ndarray, feather_px: float) -> np.ndarray:
+    """float32 alpha that is 1 deep inside ``mask`` and falls smoothly to 0 at its edge over
+    ``feather_px`` pixels (a smoothstep on the distance to the edge: no visible seam line)."""
+    if feather_px < 1:
+        return (mask > 127).astype(np.float32)
+    dist = cv2.distanceTransform((mask > 127).astype(np.uint8), cv2.DIST_L2, 3)
+    t = np.clip(dist / feather_px, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def soft_holes(mask: np.ndarray, blur_px: float) -> np.ndarray:
+    """float32 0..1 for regions kept from the target (eyes, mouth opening), softened a little
+    outward so the target's eyelids and lip line meet the new skin without an edge."""
+    k = max(3, int(blur_px) * 2 + 1)
+    grown = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+    return cv2.GaussianBlur(grown, (k, k), 0).astype(np.float32) / 255.0
+
+
+def masked_blur(channel: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of ``channel`` using only pixels where ``mask`` (0..1) is set: the
+    low-frequency shading of the skin, not of the hair or background around it. Computed at
+    a reduced scale: the result is smooth by construction, so nothing is lost."""
+    h, w = channel.shape
+    factor = max(1, int(sigma / 3))
+    small = (max(1, w // factor), max(1, h // factor))
+    m = cv2.resize(mask, small, interpolation=cv2.INTER_AREA)
+    c = cv2.resize(channel * mask, small, interpolation=cv2.INTER_AREA)
+    s = sigma * small[0] / w
+    ratio = cv2.GaussianBlur(c, (0, 0), s) / np.maximum(cv2.GaussianBlur(m, (0, 0), s), 1e-4)
+    return cv2.resize(ratio, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def transfer_colour(
+    source: np.ndarray, target: np.ndarray, skin: np.ndarray, shading_sigma: float = 0.0
+) -> np.ndarray:
+    """Recolour ``source`` (BGR uint8) to ``target``'s skin: LAB mean and spread matched on
+    the skin mask, then, if ``shading_sigma`` > 0, the target's low-frequency lighting carried
+    over on L so directional light falls on the new face as it did on the old one."""
+    src = cv2.cvtColor(source.astype(np.float32) / 255.0, cv2.COLOR_BGR2LAB)
+    tgt = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_BGR2LAB)
+    skin_u8 = (skin > 0.5).astype(np.uint8)
+    if cv2.countNonZero(skin_u8) < 16:
+        return source
+    mu_s, sd_s = cv2.meanStdDev(src, mask=skin_u8)
+    mu_t, sd_t = cv2.meanStdDev(tgt, mask=skin_u8)
+    gain = np.clip(sd_t.ravel() / np.maximum(sd_s.ravel(), 1e-3), 0.5, 2.0)
+    out = ((src - mu_s.ravel()) * gain + mu_t.ravel()).astype(np.float32)
+    if shading_sigma > 0:
+        weight = skin.astype(np.float32)
+        shade = masked_blur(tgt[:, :, 0], weight, shading_sigma) - masked_blur(
+            out[:, :, 0], weight, shading_sigma
+        )
+        out[:, :, 0] += shade
+    out[:, :, 0] = np.clip(out[:, :, 0], 0, 100)
+    bgr = cv2.cvtColor(out, cv2.COLOR_LAB2BGR)
+    return np.clip(bgr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def alpha_blend(face: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[:, :, None]
+    out = face.astype(np.float32) * a + background.astype(np.float32) * (1.0 - a)
+    return (out + 0.5).astype(np.uint8)
+
+
+def poisson_blend(face: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Gradient-domain paste (cv2.seamlessClone) of the pixels where alpha is high."""
+    mask = (alpha > 0.5).astype(np.uint8) * 255
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 16:
+        return background
+    _h, _w = mask.shape
+    # seamlessClone needs the mask away from the image border
+    mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = 0, 0, 0, 0
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    centre = (int((x0 + x1 + 1) // 2), int((y0 + y1 + 1) // 2))
+    try:
+        return cv2.seamlessClone(face, background, mask, centre, cv2.NORMAL_CLONE)
+    except cv2.error:  # a mask touching the crop's edge after rounding: fall back, don't fail
+        return alpha_blend(face, background, alpha)
+
+
+def skin_probability(lab: np.ndarray, samples: np.ndarray, max_distance: float = 3.0) -> np.ndarray:
+    """0..1 per pixel: how well its LAB colour fits the skin sampled at ``samples`` (M, 3).
+
+    A Mahalanobis distance to the sampled colours: hair, a microphone, a hand or a collar
+    inside the face outline scores low, so neither the source's occluders are pasted onto
+    the target nor the target's are painted over."""
+    mean = samples.mean(0)
+    cov = np.cov(samples, rowvar=False) + np.eye(3) * 4.0  # floor: evenly lit skin is narrow
+    # whiten with the Cholesky factor: |L^-1 (x - mean)| is the Mahalanobis distance
+    whiten = np.linalg.inv(np.linalg.cholesky(cov)).T.astype(np.float32)
+    diff = lab.reshape(-1, 3) - mean.astype(np.float32)
+    d2 = np.square(diff @ whiten).sum(1).reshape(lab.shape[:2])
+    t = np.clip((np.sqrt(d2) - max_distance) / max_distance, 0.0, 1.0)
+    return 1.0 - t * t * (3 - 2 * t)
+
+
+def sample_colours(lab: np.ndarray, points: np.ndarray, radius: int) -> np.ndarray:
+    """LAB colours of small square patches around ``points`` (skin reference patches).
+
+    Patches whose mean is far from the median patch are dropped: a hand or a microphone
+    over one cheek must not become part of the skin model it is to be told apart by."""
+    h, w = lab.shape[:2]
+    patches = []
+    for x, y in np.round(points).astype(int):
+        xa, xb = max(x - radius, 0), min(x + radius + 1, w)
+        ya, yb = max(y - radius, 0), min(y + radius + 1, h)
+        if xb > xa and yb > ya:
+            patches.append(lab[ya:yb, xa:xb].reshape(-1, 3))
+    if not patches:
+        return np.zeros((1, 3), np.float32)
+    means = np.array([p.mean(0) for p in patches])
+    spread = np.linalg.norm(means - np.median(means, axis=0), axis=1)
+    limit = max(3.0 * float(np.median(spread)), 4.0)
+    return np.concatenate([p for p, d in zip(patches, spread, strict=True) if d <= limit])

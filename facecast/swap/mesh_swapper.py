@@ -1,0 +1,241 @@
+"""The embedded swapper: geometric, built on the 468-point mesh, no learned swap model.
+
+Per source (once): an upright texture of the face and its mesh points in that texture.
+Per target face (every frame):
+1. new geometry: the target mesh moved toward the source's proportions (shape.py);
+2. one rasterisation of that geometry (mesh triangles, plus a ring of triangles out to a
+   fixed border) drives two remaps: the source texture onto the new face, and the target's
+   own pixels onto the new geometry, so its jaw line, mouth interior and eyes follow the new
+   shape and no ghost of the old outline is left outside the new one;
+3. colour transfer on skin, then feather (or Poisson) blending inside the face's box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from facecast.faces.face import Face
+from facecast.faces.landmarks import Roi, roi_from_mesh
+from facecast.faces.topology import MeshTopology, mesh_topology
+from facecast.swap import blend
+from facecast.swap.shape import transfer_shape
+from facecast.swap.warp import rasterise_ids, remap, sample_maps, triangle_affines
+from facecast.timing import StageClock
+
+TEXTURE_SIZE = 320
+# Cheek and forehead vertices: where skin colour is sampled (rarely covered by hair or beard).
+SKIN_SAMPLE_POINTS = np.array([50, 280, 101, 330, 36, 266, 205, 425, 151, 108, 337, 117, 346])
+RING_SCALE = 1.45
+# Colour distance (in skin-spreads) past which a target pixel counts as an occluder. Looser
+# than for the source: a beard or a shadow on the target must still be swapped over, while a
+# hand or a microphone is far from any skin sample.
+TARGET_OCCLUDER_DISTANCE = (
+    5.0  # the fixed border sits this far out from the face's centre, per oval point
+)
+
+
+@dataclass(frozen=True)
+class SourceFace:
+    """Everything per-frame work needs from the source photo, computed once."""
+
+    texture: np.ndarray  # BGR, upright face
+    points: np.ndarray  # (468, 2) mesh points in the texture
+    mesh: np.ndarray  # (468, 3) mesh as detected, for the shape transfer
+    skin: np.ndarray  # float32 0..1 over the texture: 0 where the source has an occluder
+    embedding: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SwapOptions:
+    blend: blend.BlendMode = "feather"
+    keep_mouth: bool = True  # the target's mouth opening (teeth, tongue) stays
+    keep_eyes: bool = True  # the target's eyes (gaze, blinks) stay
+    shape_strength: float = 1.0  # 0: target outline, 1: source outline
+    shading: float = 0.12  # low-frequency lighting carry, sigma as a fraction of face width
+    keep_occluders: bool = True  # what covers the target's face (hand, mic) stays in front
+
+
+# The mouth corners on the inner lip line: they split the inner-lip loop into upper and lower.
+INNER_MOUTH_CORNERS = (78, 308)
+
+
+def mouth_triangles(inner_lips: np.ndarray) -> np.ndarray:
+    """A strip of triangles across the mouth opening, which the mesh leaves as a hole, so the
+    target's teeth move with its lips and the source's lips can close over it if asked."""
+    loop = [int(i) for i in inner_lips]
+    a, b = loop.index(INNER_MOUTH_CORNERS[0]), loop.index(INNER_MOUTH_CORNERS[1])
+    rolled = loop[a:] + loop[:a]
+    b = (b - a) % len(loop)
+    # both lip lines run corner to corner; the strip pairs their k-th points
+    upper, lower = rolled[: b + 1], [rolled[0], *reversed(rolled[b:])]
+    tris = []
+    for k in range(len(upper) - 1):
+        tris += [(upper[k], upper[k + 1], lower[k]), (upper[k + 1], lower[k + 1], lower[k])]
+    return np.array(tris, dtype=np.int32)
+
+
+def ring_triangles(oval: np.ndarray, first_border: int) -> np.ndarray:
+    """Triangles joining each outline edge to the matching edge of the fixed border."""
+    n = len(oval)
+    tris = []
+    for k in range(n):
+        o0, o1 = int(oval[k]), int(oval[(k + 1) % n])
+        b0, b1 = first_border + k, first_border + (k + 1) % n
+        tris += [(o0, o1, b0), (o1, b1, b0)]
+    return np.array(tris, dtype=np.int32)
+
+
+class MeshSwapper:
+    def __init__(self, options: SwapOptions | None = None) -> None:
+        self.options = options or SwapOptions()
+        self.topology: MeshTopology = mesh_topology()
+        n_points = 468
+        self.ring = ring_triangles(self.topology.face_oval, n_points)
+        # mesh first (ids < len(face_triangles) index the source texture), ring last
+        self.face_triangles = np.vstack(
+            [self.topology.triangles, mouth_triangles(self.topology.inner_lips)]
+        )
+        self.all_triangles = np.vstack([self.face_triangles, self.ring])
+
+    def prepare(
+        self, image: np.ndarray, face: Face, embedding: np.ndarray | None = None
+    ) -> SourceFace:
+        if face.mesh is None:
+            raise ValueError("source face has no mesh: run FaceMesh.annotate first")
+        roi: Roi = roi_from_mesh(face.mesh)
+        roi = Roi(roi.cx, roi.cy, roi.size * 0.95, roi.angle)
+        to_texture = roi.to_crop(TEXTURE_SIZE)
+        texture = cv2.warpAffine(
+            image,
+            to_texture,
+            (TEXTURE_SIZE, TEXTURE_SIZE),
+            flags=cv2.INTER_CUBIC,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        points = (face.mesh[:, :2] @ to_texture[:, :2].T + to_texture[:, 2]).astype(np.float32)
+        skin = self.skin_mask(texture, points)
+        return SourceFace(texture, points, face.mesh.copy(), skin, embedding)
+
+    def feature_polygons(self, points: np.ndarray) -> list[np.ndarray]:
+        """Lips, eyes and brows: not skin-coloured, yet part of the face."""
+        topo = self.topology
+        polygons = [points[topo.outer_lips], points[topo.right_eye], points[topo.left_eye]]
+        polygons += [
+            cv2.convexHull(points[b].astype(np.float32)).reshape(-1, 2)
+            for b in (topo.right_brow, topo.left_brow)
+        ]
+        return polygons
+
+    def skin_mask(
+        self, image: np.ndarray, points: np.ndarray, max_distance: float = 3.0
+    ) -> np.ndarray:
+        """Skin probability over ``image`` with the facial features counted as skin."""
+        lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_BGR2LAB)
+        face_width = float(np.ptp(points[self.topology.face_oval, 0]))
+        samples = blend.sample_colours(
+            lab, points[SKIN_SAMPLE_POINTS], max(1, int(face_width / 40))
+        )
+        skin = blend.skin_probability(lab, samples, max_distance)
+        features = blend.polygon_mask(image.shape[:2], self.feature_polygons(points))
+        features = cv2.dilate(
+            features, np.ones((3, 3), np.uint8), iterations=max(1, int(face_width / 60))
+        )
+        return np.maximum(skin, features.astype(np.float32) / 255.0)
+
+    def swap(
+        self, frame: np.ndarray, target: Face, source: SourceFace, clock: StageClock | None = None
+    ) -> bool:
+        """Replace ``target`` in ``frame`` (BGR, modified in place) with ``source``.
+        Returns False when the face is too small or off-frame to swap."""
+        clock = clock or StageClock()
+        topo, opts = self.topology, self.options
+        if target.mesh is None:
+            return False
+        with clock.stage("swap"):
+            tgt = target.mesh[:, :2].astype(np.float64)
+            new = transfer_shape(target.mesh, source.mesh, topo, opts.shape_strength)
+            oval_t = tgt[topo.face_oval]
+            centre = oval_t.mean(0)
+            border = centre + RING_SCALE * (oval_t - centre)
+            geometry = np.vstack([new, border])  # where things go
+            from_target = np.vstack([tgt, border])  # where the target's pixels come from
+
+            h, w = frame.shape[:2]
+            x0, y0 = np.floor(geometry.min(0)).astype(int)
+            x1, y1 = np.ceil(geometry.max(0)).astype(int) + 1
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+            if x1 - x0 < 8 or y1 - y0 < 8:
+                return False
+            origin = np.array([x0, y0], dtype=np.float64)
+            local = geometry - origin
+            shape = (y1 - y0, x1 - x0)
+
+            # far triangles first: where a turned face folds over itself the near side wins
+            depth = target.mesh[self.face_triangles, 2].mean(1)
+            n_mesh = len(self.face_triangles)
+            order = np.concatenate([np.arange(n_mesh, len(self.all_triangles)), np.argsort(-depth)])
+            ids = rasterise_ids(local, self.all_triangles, shape, order)
+
+            target_maps = sample_maps(
+                ids, triangle_affines(local, from_target, self.all_triangles), origin=(x0, y0)
+            )
+            background = remap(frame, target_maps)
+            source_maps = sample_maps(
+                ids, triangle_affines(local[:468], source.points, self.face_triangles)
+            )
+            face_px = remap(source.texture, source_maps)
+            source_skin = cv2.remap(
+                source.skin,
+                *source_maps,
+                cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
+
+        with clock.stage("blend"):
+            face_width = float(np.ptp(local[topo.face_oval, 0]))
+            oval = blend.polygon_mask(shape, [local[topo.face_oval]])
+            keep = [
+                local[p]
+                for p, on in (
+                    (topo.inner_lips, opts.keep_mouth),
+                    (topo.right_eye, opts.keep_eyes),
+                    (topo.left_eye, opts.keep_eyes),
+                )
+                if on
+            ]
+            holes = (
+                blend.soft_holes(blend.polygon_mask(shape, keep), 0.012 * face_width)
+                if keep
+                else np.zeros(shape, np.float32)
+            )
+            alpha = blend.feathered(oval, 0.09 * face_width) * (1.0 - holes) * source_skin
+
+            not_skin = cv2.dilate(
+                blend.polygon_mask(shape, self.feature_polygons(local)),
+                np.ones((5, 5), np.uint8),
+                iterations=2,
+            )
+            skin = blend.feathered(oval, 0.06 * face_width) * (not_skin < 128)
+            coloured = blend.transfer_colour(
+                face_px, background, skin, shading_sigma=opts.shading * face_width
+            )
+            if opts.blend == "poisson":
+                out = blend.poisson_blend(coloured, background, alpha)
+            else:
+                out = blend.alpha_blend(coloured, background, alpha)
+            if opts.keep_occluders:
+                # occluders come from the original, unwarped frame: the reshaped jaw must
+                # not drag a hand or a microphone along with it
+                original = frame[y0:y1, x0:x1]
+                target_local = tgt - origin
+                inside = blend.feathered(
+                    blend.polygon_mask(shape, [target_local[topo.face_oval]]), 0.03 * face_width
+                )
+                skin = self.skin_mask(original, target_local, TARGET_OCCLUDER_DISTANCE)
+                out = blend.alpha_blend(original, out, (1.0 - skin) * inside)
+            frame[y0:y1, x0:x1] = out
+        return True

@@ -1,0 +1,63 @@
+"""Piecewise-affine warping over a triangle mesh, as one remap per image.
+
+Every destination pixel inside the mesh gets the id of the triangle covering it (one
+rasterisation), then each source image is sampled through that triangle's affine map: the
+face texture and the target's own surroundings share one rasterisation per frame.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def triangle_affines(dst: np.ndarray, src: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(T, 2, 3) affine maps taking each destination triangle onto its source triangle."""
+    d = dst[triangles]  # (T, 3, 2)
+    s = src[triangles]
+    ones = np.ones((len(triangles), 3, 1), dtype=np.float64)
+    d_h = np.concatenate([d, ones], axis=2)  # rows: [x y 1] per vertex
+    det = np.linalg.det(d_h)
+    # degenerate (zero-area) triangles cover no pixel; keep them solvable
+    d_h[np.abs(det) < 1e-9] = np.eye(3)
+    # solve d_h @ A^T = s for each triangle: A^T = inv(d_h) @ s
+    return np.transpose(np.linalg.solve(d_h, s.astype(np.float64)), (0, 2, 1))
+
+
+def rasterise_ids(
+    dst: np.ndarray, triangles: np.ndarray, shape: tuple[int, int], order: np.ndarray | None = None
+) -> np.ndarray:
+    """int32 image of the triangle id covering each pixel (-1 outside). ``order`` draws
+    triangles back to front so that, where a turned face folds, the nearer surface wins."""
+    ids = np.full(shape, -1, dtype=np.int32)
+    pts = np.round(dst[triangles] * 16).astype(np.int32)  # 4 bits of sub-pixel precision
+    for t in order if order is not None else range(len(triangles)):
+        cv2.fillConvexPoly(ids, pts[t], int(t), lineType=cv2.LINE_8, shift=4)
+    return ids
+
+
+def sample_maps(
+    ids: np.ndarray, affines: np.ndarray, origin: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """remap() coordinate maps for the pixels covered by ``ids`` (ids >= len(affines) count
+    as uncovered). Uncovered pixels map to themselves offset by ``origin`` (so a crop keeps
+    its pixels), or to -1 when no origin is given."""
+    h, w = ids.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    if origin is None:
+        map_x = np.full((h, w), -1.0, dtype=np.float32)
+        map_y = np.full((h, w), -1.0, dtype=np.float32)
+    else:
+        map_x, map_y = xs + np.float32(origin[0]), ys + np.float32(origin[1])
+    inside = (ids >= 0) & (ids < len(affines))
+    a = affines[ids[inside]].astype(np.float32)
+    px, py = xs[inside], ys[inside]
+    map_x[inside] = a[:, 0, 0] * px + a[:, 0, 1] * py + a[:, 0, 2]
+    map_y[inside] = a[:, 1, 0] * px + a[:, 1, 1] * py + a[:, 1, 2]
+    return map_x, map_y
+
+
+def remap(image: np.ndarray, maps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return cv2.remap(
+        image, maps[0], maps[1], interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )

@@ -1,0 +1,105 @@
+"""Face analysis on the real photos: detection counts, mesh sanity, identity distances."""
+
+import numpy as np
+import pytest
+
+from facecast.faces.detect import (
+    FULL_RANGE,
+    SHORT_RANGE,
+    BlazeFaceDetector,
+    ssd_anchors,
+    weighted_nms,
+)
+from facecast.faces.embed import face_distance
+from facecast.faces.topology import mesh_topology
+
+from .conftest import load
+
+
+def test_anchor_grids_match_the_models_outputs():
+    assert ssd_anchors(SHORT_RANGE).shape == (896, 2)
+    assert ssd_anchors(FULL_RANGE).shape == (2304, 2)
+    assert ssd_anchors(SHORT_RANGE).min() > 0 and ssd_anchors(SHORT_RANGE).max() < 1
+
+
+def test_weighted_nms_merges_overlaps_and_keeps_separate_faces():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=np.float32)
+    kps = np.zeros((3, 6, 2), dtype=np.float32)
+    scores = np.array([0.9, 0.6, 0.8])
+    kept = weighted_nms(boxes, kps, scores)
+    assert len(kept) == 2
+    merged = kept[0][0]
+    assert 0 < merged[0] < 1  # pulled toward the weaker duplicate, by its weight
+    assert kept[0][2] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("photo", "expected"),
+    [
+        ("obama.jpg", 1),
+        ("two_people.jpg", 2),
+        ("group_t1.jpg", 6),
+        ("biden.jpg", 1),
+        ("obama-720p.jpg", 1),
+    ],
+)
+def test_face_counts_on_real_photos(analyser, photo, expected):
+    faces = analyser.analyse(load(photo))
+    assert len(faces) == expected, [f.box.round() for f in faces]
+
+
+@pytest.mark.parametrize("model", ["short", "full"])
+def test_both_blazeface_models_find_the_faces_of_two_people(model):
+    faces = BlazeFaceDetector(model).detect(load("two_people.jpg"))
+    assert len(faces) == 2
+    assert faces[0].keypoints.shape == (6, 2)
+
+
+def test_mesh_points_lie_in_the_box_with_eyes_above_the_mouth(analyser):
+    topo = mesh_topology()
+    for photo in ("obama.jpg", "two_people.jpg", "group_t1.jpg"):
+        for face in analyser.analyse(load(photo)):
+            mesh = face.mesh
+            assert mesh.shape == (468, 3)
+            x0, y0, x1, y1 = face.box
+            margin = 0.25 * face.width
+            inside = (
+                (mesh[:, 0] > x0 - margin)
+                & (mesh[:, 0] < x1 + margin)
+                & (mesh[:, 1] > y0 - margin)
+                & (mesh[:, 1] < y1 + margin)
+            )
+            assert inside.mean() > 0.98, photo
+            eyes_y = np.r_[mesh[topo.right_eye, 1], mesh[topo.left_eye, 1]].mean()
+            mouth_y = mesh[topo.outer_lips, 1].mean()
+            assert eyes_y < mouth_y, photo
+
+
+def test_mesh_topology_is_a_closed_face():
+    topo = mesh_topology()
+    assert 840 <= len(topo.triangles) <= 900
+    assert len(topo.face_oval) == 36 and len(topo.inner_lips) == 20
+    assert 13 in topo.inner_lips and 13 not in topo.outer_lips
+
+
+def test_embedding_distances_separate_people(analyser, embedder):
+    def embed(photo):
+        image = load(photo)
+        return embedder.embed(image, analyser.analyse(image)[0])
+
+    obama, obama_720p, biden = embed("obama.jpg"), embed("obama-720p.jpg"), embed("biden.jpg")
+    assert obama.shape == (128,)
+    same, other = face_distance(obama, obama_720p), face_distance(obama, biden)
+    print(f"d(obama, obama-720p)={same:.3f}  d(obama, biden)={other:.3f}")
+    assert same < 0.6 < other
+
+
+def test_dlib_five_points_sit_on_the_face(analyser, embedder):
+    image = load("obama.jpg")
+    face = analyser.analyse(image)[0]
+    points = embedder.five_points(image, face.box)
+    assert points.shape == (5, 2)
+    x0, y0, x1, y1 = face.box
+    assert (
+        (points[:, 0] > x0) & (points[:, 0] < x1) & (points[:, 1] > y0) & (points[:, 1] < y1)
+    ).all()

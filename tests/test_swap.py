@@ -1,0 +1,175 @@
+"""The embedded swapper on real photo pairs: identity carried, target kept where it should be."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from facecast.faces.embed import face_distance
+from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
+
+from .conftest import load
+
+PAIRS = [
+    ("obama.jpg", "biden.jpg"),
+    ("biden.jpg", "obama.jpg"),
+    ("lin-manuel-miranda.png", "alex-lacamoire.png"),
+    ("alex-lacamoire.png", "lin-manuel-miranda.png"),
+    ("obama.jpg", "lin-manuel-miranda.png"),
+    ("biden.jpg", "alex-lacamoire.png"),
+    ("lin-manuel-miranda.png", "obama-720p.jpg"),
+    ("alex-lacamoire.png", "two_people.jpg"),
+]
+
+
+@pytest.fixture(scope="module")
+def swapper():
+    return MeshSwapper()
+
+
+def swap_pair(analyser, swapper, source_name, target_name):
+    source_img, target_img = load(source_name), load(target_name)
+    source_face = analyser.analyse(source_img)[0]
+    target_face = analyser.analyse(target_img)[0]
+    out = target_img.copy()
+    assert swapper.swap(out, target_face, swapper.prepare(source_img, source_face))
+    return source_img, source_face, target_img, target_face, out
+
+
+def face_crop(image, face, margin=0.35):
+    x0, y0, x1, y1 = face.box.astype(int)
+    m = int(margin * (x1 - x0))
+    h, w = image.shape[:2]
+    return cv2.resize(
+        image[max(0, y0 - m) : min(h, y1 + m), max(0, x0 - m) : min(w, x1 + m)], (220, 220)
+    )
+
+
+def test_swap_carries_the_source_identity(analyser, embedder, swapper, artifacts):
+    rows, report = [], []
+    for source_name, target_name in PAIRS:
+        src_img, src_face, tgt_img, tgt_face, out = swap_pair(
+            analyser, swapper, source_name, target_name
+        )
+        out_face = analyser.analyse(out)[0]
+        e_src = embedder.embed(src_img, src_face)
+        e_tgt = embedder.embed(tgt_img, tgt_face)
+        e_out = embedder.embed(out, out_face)
+        d_src, d_tgt = face_distance(e_out, e_src), face_distance(e_out, e_tgt)
+        report.append((source_name, target_name, d_src, d_tgt))
+        rows.append(
+            np.hstack(
+                [
+                    face_crop(src_img, src_face),
+                    face_crop(tgt_img, tgt_face),
+                    face_crop(out, tgt_face),
+                ]
+            )
+        )
+    cv2.imwrite(
+        str(artifacts / "swap_contact_sheet.png"),
+        np.vstack([np.hstack(rows[i : i + 2]) for i in range(0, len(rows), 2)]),
+    )
+    for s, t, d_src, d_tgt in report:
+        print(f"{s:>24} -> {t:<24} d(out,src)={d_src:.3f} d(out,tgt)={d_tgt:.3f}")
+    print(
+        f"mean d(out,src)={np.mean([r[2] for r in report]):.3f} "
+        f"mean d(out,tgt)={np.mean([r[3] for r in report]):.3f}"
+    )
+    failures = [r for r in report if not r[2] < r[3]]
+    assert not failures, failures
+
+
+def test_only_the_face_region_is_touched(analyser, swapper):
+    _, _, target, target_face, out = swap_pair(analyser, swapper, "obama.jpg", "two_people.jpg")
+    changed = np.any(out != target, axis=2)
+    ys, xs = np.nonzero(changed)
+    assert len(xs) > 0.2 * target_face.area  # the face really changed
+    # nothing outside a generous box around the swapped face; the other person untouched
+    x0, y0, x1, y1 = target_face.box
+    w, h = x1 - x0, y1 - y0
+    assert xs.min() >= x0 - w and xs.max() <= x1 + w
+    assert ys.min() >= y0 - h and ys.max() <= y1 + h
+
+
+def test_target_mouth_opening_is_kept(analyser):
+    """Obama smiles with his teeth showing; Biden's mouth is closed. With the default the
+    output shows the target's teeth, not the source's lips stretched over them."""
+    # occluder keeping off: teeth are not skin-coloured and would be kept by it as well
+    kept = MeshSwapper(SwapOptions(keep_mouth=True, keep_occluders=False))
+    pasted = MeshSwapper(SwapOptions(keep_mouth=False, keep_occluders=False))
+    *_, target, _target_face, out_kept = swap_pair(analyser, kept, "biden.jpg", "obama.jpg")
+    *_, _, _, out_pasted = swap_pair(analyser, pasted, "biden.jpg", "obama.jpg")
+    topo = kept.topology
+    # the mouth opening where it ends up after the shape transfer, found on the output
+    mouth = np.zeros(target.shape[:2], np.uint8)
+    new_mesh = analyser.analyse(out_kept)[0].mesh
+    cv2.fillPoly(mouth, [new_mesh[topo.inner_lips, :2].round().astype(np.int32)], 1)
+    mouth = cv2.erode(mouth, np.ones((5, 5), np.uint8))
+    assert mouth.sum() > 200
+    teeth_brightness_target = target[mouth.astype(bool)].mean()
+    kept_mean = out_kept[mouth.astype(bool)].mean()
+    pasted_mean = out_pasted[mouth.astype(bool)].mean()
+    print(
+        f"mouth opening mean: target {teeth_brightness_target:.0f}, kept {kept_mean:.0f}, "
+        f"pasted {pasted_mean:.0f}"
+    )
+    assert kept_mean > pasted_mean + 15  # white teeth stay; the pasted source lips are darker
+
+
+def test_occluder_in_front_of_the_target_stays(analyser):
+    """A real object (a piece of his dark jacket from the same photo, standing in for a
+    microphone) held in front of Obama's cheek stays in front after the swap, while the face
+    around it is swapped."""
+    target = load("obama.jpg")
+    face = analyser.analyse(target)[0]
+    chips = load("obama.jpg")[930:990, 350:400]  # his navy jacket
+    occluded = target.copy()
+    x0, y0, x1, y1 = face.box.astype(int)
+    oy, ox = y0 + (y1 - y0) // 2, x0 + (x1 - x0) // 6  # on the cheek, clear of the lips
+    occluded[oy : oy + chips.shape[0], ox : ox + chips.shape[1]] = chips
+    region = (slice(oy + 3, oy + chips.shape[0] - 3), slice(ox + 3, ox + chips.shape[1] - 3))
+
+    source = load("biden.jpg")
+    changes = {}
+    for keep in (True, False):
+        swapper = MeshSwapper(SwapOptions(keep_occluders=keep))
+        src = swapper.prepare(source, analyser.analyse(source)[0])
+        out = occluded.copy()
+        assert swapper.swap(out, analyser.analyse(occluded)[0], src)
+        changes[keep] = np.abs(out[region].astype(int) - occluded[region].astype(int)).mean()
+        face_change = np.abs(out[y0:y1, x0:x1].astype(int) - occluded[y0:y1, x0:x1].astype(int))
+        assert face_change.mean() > 8  # the face itself was swapped
+    print(f"mean change over the occluder: kept {changes[True]:.1f}, painted {changes[False]:.1f}")
+    assert changes[True] < 6 and changes[False] > 3 * changes[True]
+
+
+def test_feather_leaves_no_seam(analyser):
+    """The edge of the pasted face: gradient across the outline no stronger than a hard paste's."""
+    source, target = load("obama.jpg"), load("biden.jpg")
+    s_face, t_face = analyser.analyse(source)[0], analyser.analyse(target)[0]
+    outs = {}
+    for mode in ("feather", "poisson"):
+        swapper = MeshSwapper(SwapOptions(blend=mode))
+        out = target.copy()
+        swapper.swap(out, t_face, swapper.prepare(source, s_face))
+        outs[mode] = out
+    topo = MeshSwapper().topology
+    new_mesh = analyser.analyse(outs["feather"])[0].mesh
+    band = np.zeros(target.shape[:2], np.uint8)
+    cv2.polylines(band, [new_mesh[topo.face_oval, :2].round().astype(np.int32)], True, 1, 5)
+
+    def edge_strength(img):
+        gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        return np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))[
+            band > 0
+        ].mean()
+
+    print(
+        {k: round(edge_strength(v), 1) for k, v in outs.items()},
+        "target",
+        round(edge_strength(target), 1),
+    )
+    for mode, out in outs.items():
+        assert edge_strength(out) < 1.5 * edge_strength(target), mode
