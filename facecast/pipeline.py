@@ -7,16 +7,27 @@ every frame in order (nothing dropped). Live modes reuse the same engine.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 
 from facecast import __version__
-from facecast.errors import NoFaceError
+from facecast.errors import MediaError, NoFaceError
 from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.select import Selection
+from facecast.media.frame import Frame
+from facecast.media.image_io import read_image, write_image
+from facecast.media.kind import detect_kind
+from facecast.media.mark import make_mark
 from facecast.media.overlay import draw_label
+from facecast.media.sink import VideoFileSink
+from facecast.media.source import VideoFileSource
 from facecast.swap.mesh_swapper import MeshSwapper, SourceFace, SwapOptions
 from facecast.timing import StageClock
 
@@ -30,6 +41,7 @@ class EngineOptions:
     label: bool = True
     label_text: str = "AI-generated"
     tiles: bool = False  # tiled detection: slower, finds small faces (used for still images)
+    detect_every: int = 1  # video: detect every N frames, follow meshes in between
 
 
 @dataclass
@@ -63,7 +75,9 @@ class SwapEngine:
 
     def __init__(self, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
-        self.analyser = FaceAnalyser(tiles=self.options.tiles)
+        self.analyser = FaceAnalyser(
+            tiles=self.options.tiles, detect_every=self.options.detect_every
+        )
         self.swapper = MeshSwapper(self.options.swap)
         self.source: SourceFace | None = None
 
@@ -99,8 +113,6 @@ class SwapEngine:
 
 def output_mark(source: Path | str, options: EngineOptions) -> dict[str, str]:
     """The machine-readable provenance written into every output file."""
-    from facecast.media.mark import make_mark
-
     return make_mark(
         generator=f"facecast {__version__}",
         source_face=Path(source).name,
@@ -108,3 +120,148 @@ def output_mark(source: Path | str, options: EngineOptions) -> dict[str, str]:
         faces=str(options.selection),
         visible_label=options.label,
     )
+
+
+ProgressCallback = Callable[[int, int | None], None]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Frames in flight between file stages: enough to keep both cores busy, small enough that
+# memory stays flat on long files (a 4K frame is 25 MB).
+FILE_QUEUE_DEPTH = 6
+# Video files: detection every few frames, meshes followed in between (see FaceAnalyser).
+FILE_DETECT_EVERY = 3
+
+
+def swap_file(
+    source: Path,
+    target: Path,
+    output: Path,
+    options: EngineOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> RunStats:
+    """Swap ``source``'s face into an image or a video file (chosen by content)."""
+    options = options or EngineOptions()
+    kind = detect_kind(target)
+    if kind == "image":
+        return swap_image_file(source, target, output, options)
+    return swap_video_file(source, target, output, options, progress)
+
+
+def _engine_for(source: Path, options: EngineOptions) -> SwapEngine:
+    engine = SwapEngine(options)
+    engine.load_source(read_image(source), name=str(source))
+    return engine
+
+
+def swap_image_file(source: Path, target: Path, output: Path, options: EngineOptions) -> RunStats:
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise MediaError(f"{output}: an image target needs a .png or .jpg output")
+    engine = _engine_for(source, EngineOptions(**{**options.__dict__, "tiles": True}))
+    image = read_image(target)
+    stats = RunStats()
+    stats.count(engine.process(image, stats.clock))
+    write_image(output, image, output_mark(source, options))
+    return stats
+
+
+class _Done:
+    """End-of-stream marker passed down the stage queues (with the error, if any)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def _reader(items: Iterator[Frame | av.Packet], out: queue.Queue, clock: StageClock) -> None:
+    try:
+        while True:
+            start = time.perf_counter()
+            item = next(items, None)
+            if isinstance(item, Frame):
+                clock.add("decode", time.perf_counter() - start)
+            if item is None:
+                break
+            out.put(item)
+        out.put(_Done())
+    except BaseException as exc:  # handed to the main thread, which raises it
+        out.put(_Done(exc))
+
+
+def _writer(sink: VideoFileSink, inbox: queue.Queue, clock: StageClock, errors: list) -> None:
+    try:
+        while not isinstance(item := inbox.get(), _Done):
+            start = time.perf_counter()
+            if isinstance(item, Frame):
+                sink.write(item)
+                clock.add("encode", time.perf_counter() - start)
+            else:
+                sink.write_audio(item)
+    except BaseException as exc:
+        errors.append(exc)
+        while not isinstance(inbox.get(), _Done):  # unblock the producer
+            pass
+
+
+def swap_video_file(
+    source: Path,
+    target: Path,
+    output: Path,
+    options: EngineOptions,
+    progress: ProgressCallback | None = None,
+) -> RunStats:
+    """Every frame, in order, through decode ∥ analyse+swap ∥ encode on three threads joined
+    by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
+    packets travel the same queues untouched, so the sink muxes them in container order."""
+    detect_every = options.detect_every if options.detect_every > 1 else FILE_DETECT_EVERY
+    engine = _engine_for(
+        source, EngineOptions(**{**options.__dict__, "detect_every": detect_every})
+    )
+    stats = RunStats()
+    clock = stats.clock
+    started = time.perf_counter()
+    with VideoFileSource(target) as src:
+        total = src.frame_count or None
+        with VideoFileSink.for_source(output, src, mark=output_mark(source, options)) as sink:
+            decoded: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
+            to_encode: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
+            writer_errors: list[BaseException] = []
+            reader = threading.Thread(
+                target=_reader, args=(src.demux(), decoded, clock), name="decode", daemon=True
+            )
+            writer = threading.Thread(
+                target=_writer,
+                args=(sink, to_encode, clock, writer_errors),
+                name="encode",
+                daemon=True,
+            )
+            reader.start()
+            writer.start()
+            error: BaseException | None = None
+            try:
+                while not isinstance(item := decoded.get(), _Done):
+                    if isinstance(item, Frame):
+                        stats.count(engine.process(item.image, clock))
+                        if progress:
+                            progress(stats.frames, total)
+                    to_encode.put(item)
+                error = item.error
+            except BaseException as exc:
+                error = exc
+                # drain the reader so its thread can finish
+                while reader.is_alive() and not isinstance(decoded.get(), _Done):
+                    pass
+            finally:
+                to_encode.put(_Done())
+                writer.join()
+                reader.join()
+            error = error or (writer_errors[0] if writer_errors else None)
+            if error is not None:
+                raise error
+            if stats.frames == 0:
+                raise MediaError(f"{target}: no video frame could be decoded")
+    clock.add("wall", time.perf_counter() - started)
+    if stats.frames_without_face:
+        log.info(
+            "%d of %d frames had no face and passed through unchanged",
+            stats.frames_without_face,
+            stats.frames,
+        )
+    return stats

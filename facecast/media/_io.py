@@ -1,0 +1,57 @@
+"""Opening files, with every failure turned into a MediaError that names file and reason."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import av
+import av.container
+
+from facecast.errors import MediaError
+
+
+def require_file(path: str | Path) -> Path:
+    """``path`` as a Path, after checking it is a readable, non-empty regular file."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise MediaError(f"{path}: file not found") from exc
+    except PermissionError as exc:
+        raise MediaError(f"{path}: permission denied") from exc
+    except OSError as exc:
+        raise MediaError(f"{path}: cannot access file ({exc.strerror or exc})") from exc
+    if path.is_dir():
+        raise MediaError(f"{path}: is a directory, not a media file")
+    if st.st_size == 0:
+        raise MediaError(f"{path}: file is empty")
+    return path
+
+
+def read_head(path: Path, size: int = 64) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(size)
+    except OSError as exc:
+        raise MediaError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+
+
+def open_input(
+    path: str | Path, options: dict[str, str] | None = None
+) -> av.container.InputContainer:
+    """Open a media file with PyAV, or raise MediaError saying why it cannot be read."""
+    path = require_file(path)
+    try:
+        return av.open(str(path), mode="r", options=options or {})
+    except av.error.InvalidDataError as exc:
+        # Also what a truncated mp4 whose index (moov) was at the cut-off end gives.
+        raise MediaError(
+            f"{path}: not a readable image or video file (unrecognised or corrupt content)"
+        ) from exc
+    except av.error.PermissionError as exc:
+        raise MediaError(f"{path}: permission denied") from exc
+    except (av.FFmpegError, OSError) as exc:
+        if getattr(exc, "errno", None) == errno.ENOENT:
+            raise MediaError(f"{path}: file not found") from exc
+        raise MediaError(f"{path}: cannot open as media ({exc})") from exc
