@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import av
@@ -83,12 +83,9 @@ class SwapEngine:
 
     def load_source(self, image: np.ndarray, name: str = "source image") -> SourceFace:
         """Prepare the source face (the largest, if the photo shows several)."""
-        # Sources are photos: always use tiled detection, the cost is paid once.
-        faces = (
-            FaceAnalyser(tiles=True).analyse(image)
-            if not self.options.tiles
-            else self.analyser.analyse(image)
-        )
+        # A photo gets its own tiled analyser: small faces are found, the cost is paid once,
+        # and the stream analyser's frame-to-frame state is not disturbed.
+        faces = FaceAnalyser(tiles=True).analyse(image)
         if not faces:
             raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
         if len(faces) > 1:
@@ -155,7 +152,7 @@ def _engine_for(source: Path, options: EngineOptions) -> SwapEngine:
 def swap_image_file(source: Path, target: Path, output: Path, options: EngineOptions) -> RunStats:
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise MediaError(f"{output}: an image target needs a .png or .jpg output")
-    engine = _engine_for(source, EngineOptions(**{**options.__dict__, "tiles": True}))
+    engine = _engine_for(source, replace(options, tiles=True))
     image = read_image(target)
     stats = RunStats()
     stats.count(engine.process(image, stats.clock))
@@ -211,9 +208,7 @@ def swap_video_file(
     by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
     packets travel the same queues untouched, so the sink muxes them in container order."""
     detect_every = options.detect_every if options.detect_every > 1 else FILE_DETECT_EVERY
-    engine = _engine_for(
-        source, EngineOptions(**{**options.__dict__, "detect_every": detect_every})
-    )
+    engine = _engine_for(source, replace(options, detect_every=detect_every))
     stats = RunStats()
     clock = stats.clock
     started = time.perf_counter()

@@ -103,3 +103,28 @@ def test_dlib_five_points_sit_on_the_face(analyser, embedder):
     assert (
         (points[:, 0] > x0) & (points[:, 0] < x1) & (points[:, 1] > y0) & (points[:, 1] < y1)
     ).all()
+
+
+def test_following_meshes_between_detections_keeps_the_face(tmp_path):
+    """detect_every=3 (the video default) finds the moving face in every frame, with meshes
+    as close to the detect-every-frame meshes as two detections are to each other."""
+    from facecast.faces.analyse import FaceAnalyser
+    from facecast.media.source import VideoFileSource
+    from facecast.timing import StageClock
+
+    from .media_helpers import make_moving_face_video
+
+    clip = make_moving_face_video(tmp_path / "moving.mp4", size=(640, 360), frames=30, audio=False)
+    with VideoFileSource(clip) as src:
+        images = [f.image for f in src.frames()]
+    every, followed = FaceAnalyser(detect_every=1), FaceAnalyser(detect_every=3)
+    clock = StageClock()
+    errors = []
+    for image in images:
+        a, b = every.analyse(image), followed.analyse(image, clock)
+        assert len(a) == len(b) == 1
+        size = a[0].width
+        errors.append(np.abs(a[0].mesh[:, :2] - b[0].mesh[:, :2]).mean() / size)
+    print(f"mean mesh difference, followed vs detected: {100 * np.mean(errors):.2f}% of face width")
+    assert np.mean(errors) < 0.03
+    assert clock.calls["detect"] == len(images) // 3  # the detector really ran less often

@@ -39,21 +39,25 @@ def rasterise_ids(
 def sample_maps(
     ids: np.ndarray, affines: np.ndarray, origin: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """remap() coordinate maps for the pixels covered by ``ids`` (ids >= len(affines) count
-    as uncovered). Uncovered pixels map to themselves offset by ``origin`` (so a crop keeps
-    its pixels), or to -1 when no origin is given."""
+    """remap() coordinate maps for the pixels covered by ``ids`` (ids outside
+    0..len(affines)-1 count as uncovered). Uncovered pixels map to themselves offset by
+    ``origin`` (so a crop keeps its pixels), or to -1 when no origin is given."""
     h, w = ids.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    if origin is None:
-        map_x = np.full((h, w), -1.0, dtype=np.float32)
-        map_y = np.full((h, w), -1.0, dtype=np.float32)
-    else:
-        map_x, map_y = xs + np.float32(origin[0]), ys + np.float32(origin[1])
-    inside = (ids >= 0) & (ids < len(affines))
-    a = affines[ids[inside]].astype(np.float32)
-    px, py = xs[inside], ys[inside]
-    map_x[inside] = a[:, 0, 0] * px + a[:, 0, 1] * py + a[:, 0, 2]
-    map_y[inside] = a[:, 1, 0] * px + a[:, 1, 1] * py + a[:, 1, 2]
+    n = len(affines)
+    # one extra table row for "uncovered": identity plus origin, or a constant -1
+    extra = (
+        np.array([[1, 0, origin[0]], [0, 1, origin[1]]], dtype=np.float32)
+        if origin is not None
+        else np.array([[0, 0, -1], [0, 0, -1]], dtype=np.float32)
+    )
+    table = np.concatenate([affines.astype(np.float32), extra[None]]).reshape(n + 1, 6)
+    index = np.where((ids >= 0) & (ids < n), ids, n)
+    xs = np.arange(w, dtype=np.float32)[None, :]
+    ys = np.arange(h, dtype=np.float32)[:, None]
+    # gathering six coefficient planes is far cheaper than a (pixels, 2, 3) gather
+    c = [np.take(table[:, k], index) for k in range(6)]
+    map_x = c[0] * xs + c[1] * ys + c[2]
+    map_y = c[3] * xs + c[4] * ys + c[5]
     return map_x, map_y
 
 
