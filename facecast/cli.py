@@ -66,18 +66,23 @@ def run_swap(source: Path, target: Path, output: Path, faces: str, blend: str, l
     if blend not in ("feather", "poisson"):
         raise fail(f"unknown blend {blend!r}: use feather or poisson")
     options = EngineOptions(selection=selection, swap=SwapOptions(blend=blend), label=label)  # type: ignore[arg-type]
+    progress = _progress()
+    task = progress.add_task(target.name, total=None, fps=0.0)
+    started = [0.0]
+
+    def on_frame(done: int, total: int | None) -> None:
+        if done == 1:  # the bar appears with the first frame, after the inputs were checked
+            progress.start()
+            started[0] = time.perf_counter()
+        elapsed = time.perf_counter() - started[0]
+        progress.update(task, completed=done, total=total, fps=done / max(elapsed, 1e-6))
+
     try:
-        with _progress() as progress:
-            task = progress.add_task(target.name, total=None, fps=0.0)
-            started = time.perf_counter()
-
-            def on_frame(done: int, total: int | None) -> None:
-                elapsed = time.perf_counter() - started
-                progress.update(task, completed=done, total=total, fps=done / max(elapsed, 1e-6))
-
-            stats = swap_file(source, target, output, options, on_frame)
+        stats = swap_file(source, target, output, options, on_frame)
     except FacecastError as exc:
         raise fail(str(exc)) from None
+    finally:
+        progress.stop()
     console.print(
         f"wrote [bold]{output}[/]: {stats.frames} frame(s), {stats.faces_swapped} face(s) swapped,"
         f" {stats.frames_without_face} frame(s) without a face passed through",

@@ -137,6 +137,8 @@ def swap_file(
 ) -> RunStats:
     """Swap ``source``'s face into an image or a video file (chosen by content)."""
     options = options or EngineOptions()
+    if not output.parent.is_dir():
+        raise MediaError(f"{output}: cannot write there, folder {output.parent} does not exist")
     kind = detect_kind(target)
     if kind == "image":
         return swap_image_file(source, target, output, options)
@@ -232,6 +234,8 @@ def swap_video_file(
             error: BaseException | None = None
             try:
                 while not isinstance(item := decoded.get(), _Done):
+                    if writer_errors:  # the output failed: stop now, not after the whole file
+                        raise writer_errors[0]
                     if isinstance(item, Frame):
                         stats.count(engine.process(item.image, clock))
                         if progress:
