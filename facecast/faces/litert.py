@@ -13,7 +13,7 @@ class TFLiteModel:
     """One model session. Not shared across threads: ``run`` holds a lock because a LiteRT
     interpreter keeps its tensors inside, so two callers would overwrite each other."""
 
-    def __init__(self, path: Path, num_threads: int = 2) -> None:
+    def __init__(self, path: Path, num_threads: int = 1) -> None:
         self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]

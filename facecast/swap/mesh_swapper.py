@@ -41,10 +41,9 @@ TARGET_OCCLUDER_DISTANCE = (
 class SourceFace:
     """Everything per-frame work needs from the source photo, computed once."""
 
-    texture: np.ndarray  # BGR, upright face
+    texture: np.ndarray  # BGRA uint8, upright face; alpha: 0 where the source has an occluder
     points: np.ndarray  # (468, 2) mesh points in the texture
     mesh: np.ndarray  # (468, 3) mesh as detected, for the shape transfer
-    skin: np.ndarray  # float32 0..1 over the texture: 0 where the source has an occluder
     embedding: np.ndarray | None = None
 
 
@@ -116,8 +115,9 @@ class MeshSwapper:
             borderMode=cv2.BORDER_REPLICATE,
         )
         points = (face.mesh[:, :2] @ to_texture[:, :2].T + to_texture[:, 2]).astype(np.float32)
-        skin = self.skin_mask(texture, points)
-        return SourceFace(texture, points, face.mesh.copy(), skin, embedding)
+        skin = (self.skin_mask(texture, points) * 255 + 0.5).astype(np.uint8)
+        # skin rides in the alpha channel so one remap carries colour and occluder mask
+        return SourceFace(np.dstack([texture, skin]), points, face.mesh.copy(), embedding)
 
     def feature_polygons(self, points: np.ndarray) -> list[np.ndarray]:
         """Lips, eyes and brows: not skin-coloured, yet part of the face."""
@@ -186,14 +186,9 @@ class MeshSwapper:
             source_maps = sample_maps(
                 ids, triangle_affines(local[:468], source.points, self.face_triangles)
             )
-            face_px = remap(source.texture, source_maps)
-            source_skin = cv2.remap(
-                source.skin,
-                *source_maps,
-                cv2.INTER_LINEAR,
-                borderMode=cv2.BORDER_CONSTANT,
-                borderValue=0,
-            )
+            warped = remap(source.texture, source_maps)
+            face_px = np.ascontiguousarray(warped[:, :, :3])
+            source_skin = warped[:, :, 3].astype(np.float32) / 255.0
 
         with clock.stage("blend"):
             face_width = float(np.ptp(local[topo.face_oval, 0]))

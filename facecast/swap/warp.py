@@ -12,16 +12,24 @@ import numpy as np
 
 
 def triangle_affines(dst: np.ndarray, src: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """(T, 2, 3) affine maps taking each destination triangle onto its source triangle."""
-    d = dst[triangles]  # (T, 3, 2)
-    s = src[triangles]
-    ones = np.ones((len(triangles), 3, 1), dtype=np.float64)
-    d_h = np.concatenate([d, ones], axis=2)  # rows: [x y 1] per vertex
-    det = np.linalg.det(d_h)
-    # degenerate (zero-area) triangles cover no pixel; keep them solvable
-    d_h[np.abs(det) < 1e-9] = np.eye(3)
-    # solve d_h @ A^T = s for each triangle: A^T = inv(d_h) @ s
-    return np.transpose(np.linalg.solve(d_h, s.astype(np.float64)), (0, 2, 1))
+    """(T, 2, 3) affine maps taking each destination triangle onto its source triangle.
+
+    Closed form per triangle (edge vectors and a 2x2 inverse), vectorised: cheaper than a
+    batched linear solve for ~1000 tiny systems."""
+    d = dst[triangles].astype(np.float64)  # (T, 3, 2)
+    s = src[triangles].astype(np.float64)
+    d_edges = np.stack([d[:, 1] - d[:, 0], d[:, 2] - d[:, 0]], axis=2)  # columns e1, e2
+    s_edges = np.stack([s[:, 1] - s[:, 0], s[:, 2] - s[:, 0]], axis=2)
+    det = d_edges[:, 0, 0] * d_edges[:, 1, 1] - d_edges[:, 0, 1] * d_edges[:, 1, 0]
+    degenerate = np.abs(det) < 1e-9  # zero-area triangles cover no pixel anyway
+    det = np.where(degenerate, 1.0, det)
+    inv = np.empty_like(d_edges)
+    inv[:, 0, 0], inv[:, 1, 1] = d_edges[:, 1, 1] / det, d_edges[:, 0, 0] / det
+    inv[:, 0, 1], inv[:, 1, 0] = -d_edges[:, 0, 1] / det, -d_edges[:, 1, 0] / det
+    linear = s_edges @ inv  # (T, 2, 2): maps destination offsets to source offsets
+    linear[degenerate] = np.eye(2)
+    shift = s[:, 0] - np.einsum("tij,tj->ti", linear, d[:, 0])
+    return np.concatenate([linear, shift[:, :, None]], axis=2)
 
 
 def rasterise_ids(
