@@ -29,3 +29,18 @@ class Frame:
         if self.pts is None or self.time_base is None:
             return None
         return float(self.pts * self.time_base)
+
+
+@dataclass
+class AudioChunk:
+    """One compressed audio packet, detached from its container.
+
+    Live inputs reconnect, and PyAV crashes if a packet is used after its container closed,
+    so live audio travels as bytes plus timing; the sink turns it back into a packet."""
+
+    data: bytes
+    pts: int | None
+    dts: int | None
+    time_base: Fraction
+    duration: int | None = None
+    t_ingest: float = field(default_factory=time.monotonic)
