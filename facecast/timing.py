@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -9,11 +10,13 @@ from contextlib import contextmanager
 
 
 class StageClock:
-    """Accumulates seconds and call counts per named stage."""
+    """Accumulates seconds and call counts per named stage. Safe to share between the
+    threads of one pipeline (each stage adds under a lock)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -21,12 +24,12 @@ class StageClock:
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
-            self.calls[name] += 1
+            self.add(name, time.perf_counter() - start)
 
     def add(self, name: str, seconds: float, calls: int = 1) -> None:
-        self.seconds[name] += seconds
-        self.calls[name] += calls
+        with self._lock:
+            self.seconds[name] += seconds
+            self.calls[name] += calls
 
     def mean_ms(self, name: str, per: int | None = None) -> float:
         """Mean milliseconds per call, or per ``per`` items (e.g. per frame)."""

@@ -1,0 +1,54 @@
+"""Settings for the live commands, from flags and the environment.
+
+Environment names: ``FACECAST_*`` for everything, plus the names users of earlier
+face-swap stream tools already know (``SOURCE_IMAGE``, ``TARGET_STREAM``, ``OUTPUT_STREAM``).
+Flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def parse_bitrate(value: str | int | None) -> int | None:
+    """``2500000``, ``2500k`` or ``2.5M`` → bits per second."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmM]?)\s*", str(value))
+    if not match:
+        raise ValueError(f"bitrate {value!r}: use bits/s, or a number with k or M (2500k, 2.5M)")
+    scale = {"": 1, "k": 1_000, "m": 1_000_000}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+class StreamSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACECAST_", extra="ignore")
+
+    source_image: Path | None = Field(
+        None, validation_alias=AliasChoices("FACECAST_SOURCE_IMAGE", "SOURCE_IMAGE")
+    )
+    input: str | None = Field(
+        None, validation_alias=AliasChoices("FACECAST_INPUT", "TARGET_STREAM")
+    )
+    output: str | None = Field(
+        None, validation_alias=AliasChoices("FACECAST_OUTPUT", "OUTPUT_STREAM")
+    )
+    faces: str = "all"
+    blend: str = "feather"
+    label: bool = True
+    realtime: bool = False  # pace a file input at its own frame rate
+    detect_every: int = 3
+    preset: str = "ultrafast"
+    keyint: int | None = None  # frames between keyframes; default about one second
+    bitrate: int | None = None  # bits per second; default from the frame size
+    stall_timeout: float = 5.0  # no input frame for this long: reconnect
+    status_interval: float = 10.0  # seconds between status log lines
+
+    @field_validator("bitrate", mode="before")
+    @classmethod
+    def _bitrate(cls, value: str | int | None) -> int | None:
+        return parse_bitrate(value)

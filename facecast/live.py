@@ -1,0 +1,343 @@
+"""The live pipeline: input → analyse+swap → output on three threads.
+
+Stages are joined by latest-value slots (``facecast.slots.LatestSlot``): when a stage is
+slow the older frame is dropped and counted, never queued, so latency stays bounded under
+any load. Audio takes its own small ordered queue to the output and is remuxed, not decoded.
+
+While the input is down, the output keeps publishing the last frame (a holding frame) so
+players stay connected; when the output link backs up, the frame rate and bitrate step down
+and come back when it recovers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from facecast.media.frame import AudioChunk, Frame
+from facecast.pipeline import SwapEngine
+from facecast.slots import Closed, DropOldestQueue, LatestSlot
+from facecast.timing import StageClock
+
+log = logging.getLogger(__name__)
+
+# Relative frame rates the output steps through when its link backs up (30 → 25 → 20 → 15).
+RATE_LEVELS = (1.0, 5 / 6, 2 / 3, 1 / 2)
+AUDIO_QUEUE = 256  # ~5 s of AAC packets: enough for any stall of the output thread
+
+
+class Source(Protocol):
+    connected: bool
+    reconnects: int
+    fps: Fraction | float | None
+
+    def items(self, stop: threading.Event) -> Any: ...
+
+    def audio_params(self) -> Any: ...
+
+
+class Sink(Protocol):
+    connected: bool
+    reconnects: int
+    send_seconds: float
+
+    def write(self, frame: Frame) -> None: ...
+
+    def write_audio(self, chunk: AudioChunk) -> None: ...
+
+    def set_rate(self, fps: float, bitrate: int | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+SinkFactory = Callable[[int, int, float, Any], Sink]
+
+
+@dataclass
+class LiveStats:
+    """What the live pipeline did; read by the status log, the API and the benchmarks."""
+
+    frames_in: int = 0
+    frames_processed: int = 0
+    frames_out: int = 0
+    frames_held: int = 0  # holding frames sent while the input was down
+    frames_failed: int = 0  # frames whose processing raised: passed on unswapped
+    frames_rate_skipped: int = 0  # skipped to honour a stepped-down output rate
+    faces_swapped: int = 0
+    frames_swapped: int = 0
+    frames_passed: int = 0  # no face, or swapping disabled
+    rate_changes: int = 0
+    rate_level: float = 1.0
+    started: float = field(default_factory=time.monotonic)
+    # seconds from decode (Frame.t_ingest) to the encoded frame handed to the output
+    latency: deque = field(default_factory=lambda: deque(maxlen=2000))
+    clock: StageClock = field(default_factory=StageClock)
+
+    def latency_ms(self, percentile: float) -> float:
+        if not self.latency:
+            return float("nan")
+        return 1000.0 * float(np.percentile(np.fromiter(self.latency, float), percentile))
+
+
+class RateController:
+    """Steps the output rate down when writing a frame takes most of a frame interval (the
+    link, or the encoder feeding it, cannot keep up) and back up after it has been easy for
+    a while. Hysteresis keeps it from flapping."""
+
+    def __init__(
+        self, window: int = 30, high: float = 0.8, low: float = 0.35, recover_after: float = 10.0
+    ) -> None:
+        self.level = 0
+        self.samples: deque[float] = deque(maxlen=window)
+        self.high, self.low, self.recover_after = high, low, recover_after
+        self.easy_since: float | None = None
+
+    def observe(self, send_seconds: float, interval: float, now: float) -> int | None:
+        """Record one frame's send time; returns the new level index when it changes."""
+        self.samples.append(send_seconds / max(interval, 1e-6))
+        if len(self.samples) < self.samples.maxlen:
+            return None
+        load = float(np.mean(self.samples))
+        if load > self.high and self.level < len(RATE_LEVELS) - 1:
+            self.level += 1
+            self.samples.clear()
+            self.easy_since = None
+            return self.level
+        if load < self.low and self.level > 0:
+            self.easy_since = self.easy_since or now
+            if now - self.easy_since >= self.recover_after:
+                self.level -= 1
+                self.samples.clear()
+                self.easy_since = None
+                return self.level
+        else:
+            self.easy_since = None
+        return None
+
+
+def fit_to(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The output size is fixed once opened; a reconnect at another size is scaled to it."""
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+class LivePipeline:
+    def __init__(
+        self,
+        engine: SwapEngine,
+        source: Source,
+        sink_factory: SinkFactory,
+        *,
+        bitrate: int | None = None,
+        hold_after: float = 0.5,
+        status_interval: float = 10.0,
+        name: str = "stream",
+    ) -> None:
+        self.engine = engine
+        self.source = source
+        self.sink_factory = sink_factory
+        self.sink: Sink | None = None
+        self.sink_size: tuple[int, int] | None = None
+        self.bitrate = bitrate
+        self.hold_after = hold_after
+        self.status_interval = status_interval
+        self.name = name
+        self.stats = LiveStats()
+        self.swapping = True
+        self.decoded: LatestSlot[Frame] = LatestSlot()
+        self.processed: LatestSlot[Frame] = LatestSlot()
+        self.audio: DropOldestQueue[AudioChunk] = DropOldestQueue(AUDIO_QUEUE)
+        self.rate = RateController()
+        self._last_input = 0.0
+        self._errors: list[BaseException] = []
+
+    # ------------------------------------------------------------------ control
+
+    def run(self, stop: threading.Event) -> LiveStats:
+        """Run until ``stop`` is set (or a non-live input ends); then flush and close the
+        output. Returns the stats."""
+        threads = [
+            threading.Thread(target=self._guard, args=(self._ingest, stop), name=f"{self.name}-in"),
+            threading.Thread(
+                target=self._guard, args=(self._process, stop), name=f"{self.name}-swap"
+            ),
+            threading.Thread(
+                target=self._guard, args=(self._output, stop), name=f"{self.name}-out"
+            ),
+        ]
+        for thread in threads:
+            thread.start()
+        next_status = time.monotonic() + self.status_interval
+        try:
+            while any(t.is_alive() for t in threads):
+                threads[-1].join(0.2)
+                if time.monotonic() >= next_status:
+                    self.log_status()
+                    next_status += self.status_interval
+        finally:
+            stop.set()
+            self.decoded.close()
+            self.processed.close()
+            for thread in threads:
+                thread.join(10)
+            if self.sink is not None:
+                self.sink.close()
+        self.log_status()
+        if self._errors:
+            raise self._errors[0]
+        return self.stats
+
+    def _guard(self, stage: Callable[[threading.Event], None], stop: threading.Event) -> None:
+        """A stage that raises stops the pipeline (the error is re-raised by run())."""
+        try:
+            stage(stop)
+        except Closed:
+            pass
+        except BaseException as exc:
+            log.exception("%s: stage %s failed", self.name, threading.current_thread().name)
+            self._errors.append(exc)
+            stop.set()
+
+    def log_status(self) -> None:
+        s = self.stats
+        elapsed = max(time.monotonic() - s.started, 1e-6)
+        log.info(
+            "%s: in %.1f fps, out %.1f fps, latency p50 %.0f ms p99 %.0f ms, dropped %d/%d "
+            "(decode/output), held %d, failed %d, reconnects in %d out %d, rate x%.2f",
+            self.name,
+            s.frames_in / elapsed,
+            s.frames_out / elapsed,
+            s.latency_ms(50),
+            s.latency_ms(99),
+            self.decoded.dropped,
+            self.processed.dropped,
+            s.frames_held,
+            s.frames_failed,
+            self.source.reconnects,
+            self.sink.reconnects if self.sink else 0,
+            s.rate_level,
+        )
+
+    # ------------------------------------------------------------------ stages
+
+    def _ingest(self, stop: threading.Event) -> None:
+        for item in self.source.items(stop):
+            if isinstance(item, Frame):
+                self.stats.frames_in += 1
+                self._last_input = time.monotonic()
+                self.decoded.put(item)
+            elif isinstance(item, AudioChunk):
+                self.audio.put(item)
+            if stop.is_set():
+                break
+        self.decoded.close()  # a file that ended: let the later stages finish
+
+    def _process(self, stop: threading.Event) -> None:
+        clock = self.stats.clock
+        failures_logged = 0
+        while not stop.is_set():
+            frame = self.decoded.get(0.2)
+            if frame is None:
+                continue
+            start = time.perf_counter()
+            if self.swapping:
+                try:
+                    result = self.engine.process(frame.image, clock)
+                    self.stats.faces_swapped += result.swapped
+                    if result.swapped:
+                        self.stats.frames_swapped += 1
+                    else:
+                        self.stats.frames_passed += 1
+                except Exception:  # one bad frame must not stop a live stream
+                    self.stats.frames_failed += 1
+                    if failures_logged < 5:
+                        log.exception(
+                            "%s: frame %d failed; passed on unswapped", self.name, frame.index
+                        )
+                        failures_logged += 1
+            else:
+                self.stats.frames_passed += 1
+            clock.add("process", time.perf_counter() - start)
+            self.stats.frames_processed += 1
+            self.processed.put(frame)
+        self.processed.close()
+
+    def _output(self, stop: threading.Event) -> None:
+        last: Frame | None = None
+        last_write = 0.0
+        while not stop.is_set():
+            interval = self._frame_interval()
+            frame = self.processed.get(interval)
+            now = time.monotonic()
+            if frame is None:
+                # no new frame: if the input is down, repeat the last one so players hold on
+                input_down = now - self._last_input > self.hold_after
+                if last is not None and input_down and now - last_write >= interval:
+                    self._write(last, held=True)
+                    last_write = now
+                continue
+            last = frame
+            if self.stats.rate_level < 1.0 and now - last_write < interval * 0.9:
+                self.stats.frames_rate_skipped += 1
+                continue
+            self._write(frame, held=False)
+            last_write = now
+
+    # ------------------------------------------------------------------ output helpers
+
+    def _frame_interval(self) -> float:
+        fps = float(self.source.fps or 30) * self.stats.rate_level
+        return 1.0 / max(fps, 1.0)
+
+    def _open_sink(self, frame: Frame) -> Sink:
+        height, width = frame.image.shape[:2]
+        fps = float(self.source.fps or 30)
+        sink = self.sink_factory(width, height, fps, self.source.audio_params())
+        self.sink_size = (width, height)
+        log.info("%s: output opened at %dx%d %.2f fps", self.name, width, height, fps)
+        return sink
+
+    def _write(self, frame: Frame, held: bool) -> None:
+        if self.sink is None:
+            self.sink = self._open_sink(frame)
+        sink = self.sink
+        start = time.perf_counter()
+        for chunk in self.audio.drain():
+            sink.write_audio(chunk)
+        image = fit_to(frame.image, *self.sink_size) if self.sink_size else frame.image
+        sink.write(Frame(image=image, index=frame.index, t_ingest=frame.t_ingest))
+        spent = time.perf_counter() - start
+        self.stats.clock.add("output", spent)
+        self.stats.frames_out += 1
+        if held:
+            self.stats.frames_held += 1
+        else:
+            self.stats.latency.append(time.monotonic() - frame.t_ingest)
+        self._adapt(sink, spent)
+
+    def _adapt(self, sink: Sink, spent: float) -> None:
+        level = self.rate.observe(spent, self._frame_interval(), time.monotonic())
+        if level is None:
+            return
+        self.stats.rate_level = RATE_LEVELS[level]
+        self.stats.rate_changes += 1
+        fps = float(self.source.fps or 30) * self.stats.rate_level
+        bitrate = int(self.bitrate * self.stats.rate_level) if self.bitrate else None
+        log.warning(
+            "%s: output %s: now %.1f fps%s",
+            self.name,
+            "backed up" if level else "recovered",
+            fps,
+            f", {bitrate // 1000} kb/s" if bitrate else "",
+        )
+        sink.set_rate(fps, bitrate)

@@ -1,0 +1,84 @@
+"""Channels between pipeline stages.
+
+Live stages are joined by ``LatestSlot``: capacity one, the newest value wins and every
+value overwritten before it was taken is counted as dropped, so a slow stage never makes
+latency pile up. ``DropOldestQueue`` is for data that must keep its order but may not grow
+without bound (live audio).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Closed(Exception):
+    """The channel was closed: the producer has finished or the pipeline is stopping."""
+
+
+class LatestSlot(Generic[T]):
+    def __init__(self) -> None:
+        self._value: T | None = None
+        self._full = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self.dropped = 0
+        self.put_count = 0
+
+    def put(self, value: T) -> bool:
+        """Store ``value``; True if it overwrote one nobody took (a drop)."""
+        with self._cond:
+            overwrote = self._full
+            if overwrote:
+                self.dropped += 1
+            self._value, self._full = value, True
+            self.put_count += 1
+            self._cond.notify()
+            return overwrote
+
+    def get(self, timeout: float) -> T | None:
+        """The newest value, waiting up to ``timeout`` s; None on timeout. Raises Closed
+        once closed and empty."""
+        with self._cond:
+            if not self._full and not self._closed:
+                self._cond.wait(timeout)
+            if self._full:
+                value, self._value, self._full = self._value, None, False
+                return value
+            if self._closed:
+                raise Closed
+            return None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class DropOldestQueue(Generic[T]):
+    """A FIFO of at most ``capacity`` items: when full, the oldest item is dropped."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def put(self, item: T) -> None:
+        with self._lock:
+            if len(self._items) >= self._capacity:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append(item)
+
+    def drain(self) -> list[T]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            return items
+
+    def __len__(self) -> int:
+        return len(self._items)
