@@ -119,6 +119,106 @@ def demo(
 
 
 @app.command()
+def stream(
+    source: Annotated[
+        Path | None, typer.Option("--source", "-s", help="Face photo [env SOURCE_IMAGE].")
+    ] = None,
+    input_url: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="rtmp://, udp://, rtp (.sdp), .m3u8, srt://, "
+            "/dev/videoN or a file [env TARGET_STREAM].",
+        ),
+    ] = None,
+    output_url: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="rtmp://, udp://, rtp://, srt:// or a file [env OUTPUT_STREAM]."
+        ),
+    ] = None,
+    faces: Annotated[str | None, typer.Option(help="all, largest or index:N.")] = None,
+    blend: Annotated[str | None, typer.Option(help="feather or poisson.")] = None,
+    label: Annotated[bool | None, typer.Option("--label/--no-label")] = None,
+    realtime: Annotated[
+        bool | None, typer.Option("--realtime/--as-fast", help="Pace a file input in real time.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="x264 preset (ultrafast).")] = None,
+    keyint: Annotated[int | None, typer.Option(help="Frames between keyframes.")] = None,
+    bitrate: Annotated[str | None, typer.Option(help="Video bitrate, e.g. 2500k.")] = None,
+    stall_timeout: Annotated[
+        float | None, typer.Option(help="Seconds without a frame before reconnecting.")
+    ] = None,
+) -> None:
+    """Swap faces in a live stream and publish the result, until stopped (SIGINT/SIGTERM)."""
+    from facecast.config import StreamSettings
+    from facecast.live import run_stream
+
+    flags = {
+        "source_image": source,
+        "input": input_url,
+        "output": output_url,
+        "faces": faces,
+        "blend": blend,
+        "label": label,
+        "realtime": realtime,
+        "preset": preset,
+        "keyint": keyint,
+        "bitrate": bitrate,
+        "stall_timeout": stall_timeout,
+    }
+    try:
+        settings = StreamSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    missing = [
+        f"{flag} (or {env})"
+        for flag, env, value in (
+            ("--source", "SOURCE_IMAGE", settings.source_image),
+            ("--input", "TARGET_STREAM", settings.input),
+            ("--output", "OUTPUT_STREAM", settings.output),
+        )
+        if not value
+    ]
+    if missing:
+        raise fail("missing " + ", ".join(missing))
+    try:
+        run_stream(settings)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def probe(
+    publish: Annotated[str, typer.Option(help="Where to publish the stamped test stream.")],
+    read: Annotated[str, typer.Option(help="The swapped stream to read back.")],
+    seconds: Annotated[float, typer.Option(help="How long to publish.")] = 20.0,
+    fps: Annotated[float, typer.Option()] = 30.0,
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT")] = "1280x720",
+    face: Annotated[Path, typer.Option(help="Face photo shown in the test stream.")] = EXAMPLES
+    / "obama.jpg",
+) -> None:
+    """Glass-to-glass latency of a running `facecast stream`: p50/p95/p99."""
+    import json
+
+    from facecast.probe import LatencyProbe, load_probe_face
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+        photo = load_probe_face(face)
+    except ValueError:
+        raise fail(f"size {size!r}: use WIDTHxHEIGHT, e.g. 1280x720") from None
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+    result = LatencyProbe(publish, read, photo, (width, height), fps).run(seconds)
+    summary = result.summary()
+    print(json.dumps(summary))
+    if not result.latencies_ms:
+        raise fail(f"no stamped frame came back from {read} in {seconds:.0f} s")
+
+
+@app.command()
 def models(
     check: Annotated[bool, typer.Option("--check", help="Exit 2 if any file is bad.")] = False,
 ) -> None:

@@ -26,7 +26,8 @@ def parse_bitrate(value: str | int | None) -> int | None:
 
 
 class StreamSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FACECAST_", extra="ignore")
+    # populate_by_name: flags are passed by field name; the environment uses the aliases
+    model_config = SettingsConfigDict(env_prefix="FACECAST_", extra="ignore", populate_by_name=True)
 
     source_image: Path | None = Field(
         None, validation_alias=AliasChoices("FACECAST_SOURCE_IMAGE", "SOURCE_IMAGE")

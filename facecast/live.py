@@ -12,10 +12,12 @@ and come back when it recovers.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
@@ -23,6 +25,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from facecast.config import StreamSettings
+from facecast.errors import FacecastError
 from facecast.media.frame import AudioChunk, Frame
 from facecast.pipeline import SwapEngine
 from facecast.slots import Closed, DropOldestQueue, LatestSlot
@@ -341,3 +345,87 @@ class LivePipeline:
             f", {bitrate // 1000} kb/s" if bitrate else "",
         )
         sink.set_rate(fps, bitrate)
+
+
+def run_stream(settings: StreamSettings) -> LiveStats:
+    """``facecast stream``: build the engine and both endpoints, run until SIGINT/SIGTERM
+    (or until a non-live input ends), flush the output and return."""
+    from facecast.faces.select import Selection
+    from facecast.media.image_io import read_image
+    from facecast.media.live_sink import StreamSink
+    from facecast.media.live_source import StreamSource
+    from facecast.pipeline import EngineOptions, output_mark
+    from facecast.swap.mesh_swapper import SwapOptions
+
+    assert settings.source_image and settings.input and settings.output
+    try:
+        selection = Selection.parse(settings.faces)
+    except ValueError as exc:
+        raise FacecastError(str(exc)) from None
+    options = EngineOptions(
+        selection=selection,
+        swap=SwapOptions(blend=settings.blend),  # type: ignore[arg-type]
+        label=settings.label,
+        detect_every=settings.detect_every,
+    )
+    engine = SwapEngine(options)
+    engine.load_source(read_image(settings.source_image), name=str(settings.source_image))
+    source = StreamSource(
+        settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
+    )
+    mark = output_mark(settings.source_image, options)
+
+    def open_sink(width: int, height: int, fps: float, audio: Any) -> StreamSink:
+        return StreamSink(
+            settings.output,
+            width=width,
+            height=height,
+            fps=fps,
+            audio=audio,
+            preset=settings.preset,
+            keyint=settings.keyint,
+            bitrate=settings.bitrate,
+            mark=mark,
+        )
+
+    pipeline = LivePipeline(
+        engine,
+        source,
+        open_sink,
+        bitrate=settings.bitrate,
+        status_interval=settings.status_interval,
+        name=_stream_name(settings.input),
+    )
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        log.info(
+            "streaming %s → %s with the face from %s (stop with Ctrl-C)",
+            settings.input,
+            settings.output,
+            settings.source_image,
+        )
+        return pipeline.run(stop)
+
+
+def _stream_name(url: str) -> str:
+    """A short label for logs and metrics: the stream key or file name."""
+    return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "stream"
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``stop`` so the pipeline flushes and closes its output."""
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
