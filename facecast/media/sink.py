@@ -39,6 +39,26 @@ _AAC_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}  # anything else: do
 _MOV_FAMILY = {"mp4", "mov", "m4v", "3gp", "3g2"}
 
 
+def bgr_to_video_frame(image: np.ndarray) -> av.VideoFrame:
+    """A BGR image (even width and height) as a yuv420p frame for the encoder.
+
+    OpenCV's BT.601 limited-range conversion: 0.6-1 ms at 720p against 6 ms for PyAV's
+    ``from_ndarray(format="bgr24").reformat("yuv420p")``; the streams are tagged to match."""
+    yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
+    return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+
+
+def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, bool]:
+    """``image`` at exactly ``width`` x ``height``: an odd last row/column cropped off (the
+    encoder needs even sizes), anything else scaled. Returns (image, whether scaled)."""
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image, False
+    if w - width in (0, 1) and h - height in (0, 1):
+        return image[:height, :width], False
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA), True
+
+
 class VideoFileSink:
     """An output video file (context manager). Exiting on an exception discards the file."""
 
@@ -193,8 +213,7 @@ class VideoFileSink:
 
     def write(self, frame: Frame) -> None:
         """Encode one frame, keeping its timestamp (rescaled if its time base differs)."""
-        yuv = cv2.cvtColor(self._fit(frame.image), cv2.COLOR_BGR2YUV_I420)
-        vf = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        vf = bgr_to_video_frame(self._fit(frame.image))
         vf.pts = self._next_pts(frame)
         vf.time_base = self.time_base
         self._mux(self._video.encode(vf))
@@ -220,12 +239,9 @@ class VideoFileSink:
         self.audio_packets_written += 1
 
     def _fit(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        if (w, h) == (self.width, self.height):
-            return image
-        if w - self.width in (0, 1) and h - self.height in (0, 1):
-            return image[: self.height, : self.width]
-        if not self._warned_resize:
+        fitted, scaled = fit_image(image, self.width, self.height)
+        if scaled and not self._warned_resize:
+            h, w = image.shape[:2]
             log.warning(
                 "%s: frame size changed to %dx%d; scaling to %dx%d",
                 self.path,
@@ -235,7 +251,7 @@ class VideoFileSink:
                 self.height,
             )
             self._warned_resize = True
-        return cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
+        return fitted
 
     def _next_pts(self, frame: Frame) -> int:
         if frame.pts is None:
