@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 from facecast.config import StreamSettings
@@ -128,13 +127,6 @@ class RateController:
         return None
 
 
-def fit_to(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The output size is fixed once opened; a reconnect at another size is scaled to it."""
-    if image.shape[1] == width and image.shape[0] == height:
-        return image
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
 class LivePipeline:
     def __init__(
         self,
@@ -151,7 +143,6 @@ class LivePipeline:
         self.source = source
         self.sink_factory = sink_factory
         self.sink: Sink | None = None
-        self.sink_size: tuple[int, int] | None = None
         self.bitrate = bitrate
         self.hold_after = hold_after
         self.status_interval = status_interval
@@ -307,7 +298,6 @@ class LivePipeline:
         height, width = frame.image.shape[:2]
         fps = float(self.source.fps or 30)
         sink = self.sink_factory(width, height, fps, self.source.audio_params())
-        self.sink_size = (width, height)
         log.info("%s: output opened at %dx%d %.2f fps", self.name, width, height, fps)
         return sink
 
@@ -318,8 +308,8 @@ class LivePipeline:
         start = time.perf_counter()
         for chunk in self.audio.drain():
             sink.write_audio(chunk)
-        image = fit_to(frame.image, *self.sink_size) if self.sink_size else frame.image
-        sink.write(Frame(image=image, index=frame.index, t_ingest=frame.t_ingest))
+        # the sink fits frames to the size it opened with (an input may reconnect at another)
+        sink.write(Frame(image=frame.image, index=frame.index, t_ingest=frame.t_ingest))
         spent = time.perf_counter() - start
         self.stats.clock.add("output", spent)
         self.stats.frames_out += 1
