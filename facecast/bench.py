@@ -56,7 +56,7 @@ def scaled_copy(clip: Path, width: int, height: int, folder: Path) -> Path:
     return out
 
 
-def bench_one(clip: Path, face: Path, work: Path, frames_limit: int | None) -> dict:
+def bench_one(clip: Path, face: Path, work: Path) -> dict:
     with VideoFileSource(clip) as src:
         size = f"{src.width}x{src.height}"
         total = src.frame_count
@@ -82,7 +82,6 @@ def bench_one(clip: Path, face: Path, work: Path, frames_limit: int | None) -> d
         "ms_per_call": {s: clock.mean_ms(s) for s in SWAP_STAGES},
         "calls": {s: clock.calls.get(s, 0) for s in SWAP_STAGES},
     }
-    del frames_limit  # every frame is always processed: the file mode drops nothing
     return result
 
 
@@ -135,14 +134,14 @@ def update_docs(section: str, body: str, docs: Path = DOCS_TABLE) -> None:
     docs.write_text(text)
 
 
-def run_swap_bench(examples: Path, results_dir: Path, frames: int | None, console: Console) -> dict:
+def run_swap_bench(examples: Path, results_dir: Path, console: Console) -> dict:
     clip, face = examples / "short_hamilton_clip.mp4", examples / "obama.jpg"
     runs = []
     with tempfile.TemporaryDirectory(prefix="facecast-bench-") as tmp:
         work = Path(tmp)
         for candidate in (clip, scaled_copy(clip, 1280, 720, work)):
             console.print(f"bench swap: {candidate.name}")
-            runs.append(bench_one(candidate, face, work, frames))
+            runs.append(bench_one(candidate, face, work))
     payload = {
         "bench": "swap",
         "machine": machine(),

@@ -246,7 +246,6 @@ def models(
 
 @bench_app.command("swap")
 def bench_swap(
-    frames: Annotated[int, typer.Option(help="Frames per run (0: the whole clip).")] = 0,
     results: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path(
         "bench/results"
     ),
@@ -255,7 +254,7 @@ def bench_swap(
     decode+encode of the same file (the limit)."""
     from facecast.bench import run_swap_bench
 
-    run_swap_bench(EXAMPLES, results, frames or None, console)
+    run_swap_bench(EXAMPLES, results, console)
 
 
 if __name__ == "__main__":
