@@ -193,11 +193,14 @@ def stream(
 def probe(
     publish: Annotated[str, typer.Option(help="Where to publish the stamped test stream.")],
     read: Annotated[str, typer.Option(help="The swapped stream to read back.")],
-    seconds: Annotated[float, typer.Option(help="How long to publish.")] = 20.0,
+    seconds: Annotated[float, typer.Option(help="How long to measure, after the warm-up.")] = 20.0,
     fps: Annotated[float, typer.Option()] = 30.0,
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT")] = "1280x720",
     face: Annotated[Path, typer.Option(help="Face photo shown in the test stream.")] = EXAMPLES
     / "obama.jpg",
+    warmup: Annotated[
+        float, typer.Option(help="Seconds after the first stamp that are left out.")
+    ] = 2.0,
 ) -> None:
     """Glass-to-glass latency of a running `facecast stream`: p50/p95/p99."""
     import json
@@ -211,7 +214,8 @@ def probe(
         raise fail(f"size {size!r}: use WIDTHxHEIGHT, e.g. 1280x720") from None
     except FacecastError as exc:
         raise fail(str(exc)) from None
-    result = LatencyProbe(publish, read, photo, (width, height), fps).run(seconds)
+    prober = LatencyProbe(publish, read, photo, (width, height), fps, warmup=warmup)
+    result = prober.run(seconds + warmup)
     summary = result.summary()
     print(json.dumps(summary))
     if not result.latencies_ms:
@@ -255,6 +259,23 @@ def bench_swap(
     from facecast.bench import run_swap_bench
 
     run_swap_bench(EXAMPLES, results, console)
+
+
+@bench_app.command("live")
+def bench_live(
+    results: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path(
+        "bench/results"
+    ),
+    seconds: Annotated[float, typer.Option(help="Measured seconds per run.")] = 15.0,
+) -> None:
+    """Live latency on 720p30: the pipeline vs a serial loop, at the input rate, flat out,
+    and at twice the sustainable rate; glass-to-glass with the probe over loopback UDP."""
+    from facecast.bench_live import run_live_bench
+
+    try:
+        run_live_bench(EXAMPLES, results, console, seconds)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -138,7 +138,10 @@ class LivePipeline:
         hold_after: float = 0.5,
         status_interval: float = 10.0,
         name: str = "stream",
+        lossless: bool = False,
     ) -> None:
+        """``lossless``: stages wait for each other instead of dropping frames; for an input
+        that can wait (a file read as fast as possible), never for a live one."""
         self.engine = engine
         self.source = source
         self.sink_factory = sink_factory
@@ -149,8 +152,8 @@ class LivePipeline:
         self.name = name
         self.stats = LiveStats()
         self.swapping = True
-        self.decoded: LatestSlot[Frame] = LatestSlot()
-        self.processed: LatestSlot[Frame] = LatestSlot()
+        self.decoded: LatestSlot[Frame] = LatestSlot(lossless)
+        self.processed: LatestSlot[Frame] = LatestSlot(lossless)
         self.audio: DropOldestQueue[AudioChunk] = DropOldestQueue(AUDIO_QUEUE)
         self.rate = RateController()
         self._last_input = 0.0
@@ -385,6 +388,7 @@ def run_stream(settings: StreamSettings) -> LiveStats:
         bitrate=settings.bitrate,
         status_interval=settings.status_interval,
         name=_stream_name(settings.input),
+        lossless=not (source.live or settings.realtime),
     )
     stop = threading.Event()
     with _stop_on_signals(stop):

@@ -31,6 +31,8 @@ def now_ms() -> int:
 class ProbeResult:
     sent: int = 0
     received: int = 0
+    warmup_skipped: int = 0  # stamped frames read during the warm-up, not in the figures
+    repeated: int = 0  # a stamp seen again: the stream repeated a frame (a holding frame)
     latencies_ms: list[float] = field(default_factory=list)
 
     def percentile(self, p: float) -> float:
@@ -41,6 +43,8 @@ class ProbeResult:
             "sent": self.sent,
             "received": self.received,
             "stamped": len(self.latencies_ms),
+            "warmup_skipped": self.warmup_skipped,
+            "repeated": self.repeated,
             "p50_ms": self.percentile(50),
             "p95_ms": self.percentile(95),
             "p99_ms": self.percentile(99),
@@ -68,8 +72,12 @@ class LatencyProbe:
         face_photo: np.ndarray,
         size: tuple[int, int] = (1280, 720),
         fps: float = 30.0,
+        warmup: float = 0.0,
     ) -> None:
+        """``warmup``: seconds after the first stamped frame comes back whose latencies are
+        left out (the first keyframe, the encoders' and facecast's start-up)."""
         self.publish_url, self.read_url = publish_url, read_url
+        self.warmup = warmup
         self.scene = probe_scene(face_photo, size)
         self.size, self.fps = size, fps
         self.result = ProbeResult()
@@ -109,13 +117,27 @@ class LatencyProbe:
         from facecast.media.live_source import StreamSource
 
         source = StreamSource(self.read_url, stall_timeout=3.0)
+        first: float | None = None
+        last_stamp: int | None = None
         for item in source.items(stop):
             if not isinstance(item, Frame):
                 continue
             self.result.received += 1
             stamp = read_timestamp(item.image)
-            if stamp is not None:
-                self.result.latencies_ms.append(float((now_ms() - stamp) & 0xFFFFFFFF))
+            if stamp is None:
+                continue
+            if stamp == last_stamp:
+                # A repeated frame (facecast holds the last frame while its input is down):
+                # the latency of a frame is when it is first seen.
+                self.result.repeated += 1
+                continue
+            last_stamp = stamp
+            latency = float((now_ms() - stamp) & 0xFFFFFFFF)
+            first = first if first is not None else time.monotonic()
+            if time.monotonic() - first < self.warmup:
+                self.result.warmup_skipped += 1
+            else:
+                self.result.latencies_ms.append(latency)
 
 
 def load_probe_face(path: Path) -> np.ndarray:

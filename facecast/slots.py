@@ -20,7 +20,12 @@ class Closed(Exception):
 
 
 class LatestSlot(Generic[T]):
-    def __init__(self) -> None:
+    """``lossless=True`` makes ``put`` wait for the slot to be taken instead of overwriting:
+    back-pressure for inputs that can wait (a file read as fast as possible), so every
+    frame goes through the same stages and none is dropped."""
+
+    def __init__(self, lossless: bool = False) -> None:
+        self.lossless = lossless
         self._value: T | None = None
         self._full = False
         self._closed = False
@@ -29,14 +34,19 @@ class LatestSlot(Generic[T]):
         self.put_count = 0
 
     def put(self, value: T) -> bool:
-        """Store ``value``; True if it overwrote one nobody took (a drop)."""
+        """Store ``value``; True if it overwrote one nobody took (a drop). A lossless slot
+        waits until the last value was taken (raises Closed if closed meanwhile)."""
         with self._cond:
+            while self.lossless and self._full and not self._closed:
+                self._cond.wait(0.5)
+            if self._closed and self.lossless:
+                raise Closed
             overwrote = self._full
             if overwrote:
                 self.dropped += 1
             self._value, self._full = value, True
             self.put_count += 1
-            self._cond.notify()
+            self._cond.notify_all()
             return overwrote
 
     def get(self, timeout: float) -> T | None:
@@ -47,6 +57,7 @@ class LatestSlot(Generic[T]):
                 self._cond.wait(timeout)
             if self._full:
                 value, self._value, self._full = self._value, None, False
+                self._cond.notify_all()  # a lossless producer may be waiting for the room
                 return value
             if self._closed:
                 raise Closed

@@ -72,3 +72,48 @@ def test_drop_oldest_queue_is_bounded_and_ordered(capacity):
     assert queue.drain() == list(range(5 - capacity, 5))
     assert queue.dropped == 5 - capacity
     assert queue.drain() == []
+
+
+def test_a_lossless_slot_makes_the_producer_wait_and_drops_nothing():
+    slot: LatestSlot[int] = LatestSlot(lossless=True)
+    got: list[int] = []
+
+    def slow_consumer():
+        try:
+            while True:
+                value = slot.get(1.0)
+                if value is not None:
+                    got.append(value)
+                    time.sleep(0.005)
+        except Closed:
+            pass
+
+    thread = threading.Thread(target=slow_consumer)
+    thread.start()
+    for i in range(50):
+        slot.put(i)
+    slot.close()
+    thread.join(5)
+    assert got == list(range(50))
+    assert slot.dropped == 0
+
+
+def test_closing_a_lossless_slot_releases_a_waiting_producer():
+    slot: LatestSlot[int] = LatestSlot(lossless=True)
+    slot.put(1)
+    outcome: list[str] = []
+
+    def producer():
+        try:
+            slot.put(2)
+            outcome.append("stored")
+        except Closed:
+            outcome.append("closed")
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    time.sleep(0.1)
+    assert outcome == []  # still waiting for room
+    slot.close()
+    thread.join(2)
+    assert outcome == ["closed"]

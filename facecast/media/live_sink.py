@@ -52,6 +52,7 @@ from av.video.frame import PictureType
 from facecast.errors import MediaError
 from facecast.media.backoff import Backoff
 from facecast.media.frame import AudioChunk, Frame
+from facecast.media.h264 import with_trailing_aud
 from facecast.media.live_source import (
     SRT_BRIDGE,
     AudioParams,
@@ -85,6 +86,16 @@ _FLUSH = {"flush_packets": "1"}
 # Fragmented MP4: every fragment is self-contained, so the file plays even if the process
 # is killed before close(); close() still writes the last fragment and the index.
 _MP4 = {**_FLUSH, "movflags": "+frag_keyframe+empty_moov+default_base_moof+use_metadata_tags"}
+# Live MPEG-TS (udp, srt): readers (FFmpeg's and most others) hand on a video frame only
+# once they see the next one begin, twice over: the demuxer waits for the next PES when the
+# PES length is left out (FFmpeg's default for video), and the H.264 parser waits for the
+# next access unit's first NAL. That is two frame intervals (67 ms at 30 fps) per hop, more
+# than the whole swap. So live MPEG-TS states its PES lengths and ends each frame with an
+# access unit delimiter (the next frame's first NAL, allowed by H.264 7.4.1.2.3) so that the
+# parser can close the frame at once. The one cost: the stream's very last delimiter has no
+# frame after it, which readers skip (ours silently). Files keep plain framing.
+# See docs/live-media.md, "Latency".
+_TS = {**_FLUSH, "omit_video_pes_length": "0"}
 _FILE_FORMATS: dict[str, tuple[str, Fraction, dict[str, str]]] = {
     ".ts": ("mpegts", TICKS_90K, _FLUSH),
     ".m2ts": ("mpegts", TICKS_90K, _FLUSH),
@@ -113,6 +124,7 @@ class OutputPlan:
     reconnect: bool = True  # a file is never reopened: that would overwrite it
     bridge: list[str] | None = None
     sdp_path: Path | None = None
+    delimit_frames: bool = False  # end each video frame with an AUD (see _TS)
 
 
 def plan_output(
@@ -124,13 +136,14 @@ def plan_output(
     # Muxer options shared by live outputs: hold a stream back at most 0.1 s waiting for
     # the other one (default 10 s: video would stall whenever the input has no audio).
     live = {**_FLUSH, "max_interleave_delta": "100000"}
+    live_ts = {**live, **_TS}
     if scheme.startswith("rtmp"):
         # no_duration_filesize: do not seek back at close to patch the header (RTMP can't).
         options = {**live, "flvflags": "no_duration_filesize"}
         return OutputPlan("rtmp", url, "flv", options, MS)
     if scheme == "udp":
         target = with_query(url, {"pkt_size": str(UDP_PAYLOAD)})
-        return OutputPlan("udp", target, "mpegts", dict(live), TICKS_90K)
+        return OutputPlan("udp", target, "mpegts", live_ts, TICKS_90K, delimit_frames=True)
     if scheme == "rtp":
         if not parts.hostname or not parts.port:
             raise MediaError(f"{url}: an RTP output needs a host and a port")
@@ -146,7 +159,9 @@ def plan_output(
         # -a:no: when the far end goes away the bridge exits, which the sink notices and
         # answers with a fresh connection (bridge included).
         bridge = [SRT_BRIDGE, "-a:no", "-loglevel:error", f"udp://127.0.0.1:{port}", url]
-        return OutputPlan("srt", local, "mpegts", dict(live), TICKS_90K, bridge=bridge)
+        return OutputPlan(
+            "srt", local, "mpegts", live_ts, TICKS_90K, bridge=bridge, delimit_frames=True
+        )
     if scheme in ("", "file") or len(scheme) == 1:
         path = Path(parts.path if scheme == "file" else url)
         suffix = path.suffix.lower()
@@ -355,6 +370,8 @@ class _Connection:
             ctx.bit_rate = bit_rate
         packets = self._video.encode(frame)
         keyframe = any(p.is_keyframe for p in packets)
+        if self.plan.delimit_frames:
+            packets = [with_trailing_aud(p) for p in packets]
         if packets:
             self._container.mux(packets)
             if keyframe and not self._sdp_done and self.plan.sdp_path is not None:

@@ -60,6 +60,7 @@ from facecast.errors import MediaError
 from facecast.media._io import require_file
 from facecast.media.backoff import Backoff
 from facecast.media.frame import AudioChunk, Frame
+from facecast.media.h264 import is_lone_aud
 
 log = logging.getLogger(__name__)
 
@@ -766,6 +767,8 @@ class StreamSource:
         return _LOOP if self.loop_file else None
 
     def _decode(self, video: av.VideoStream, packet: av.Packet, quiet: bool) -> Iterator[Frame]:
+        if is_lone_aud(packet):
+            return  # the delimiter that ends a low-delay MPEG-TS stream: no frame in it
         try:
             decoded = video.decode(packet)
         except av.FFmpegError as exc:
