@@ -29,7 +29,7 @@ from facecast.errors import FacecastError
 from facecast.media.frame import AudioChunk, Frame
 from facecast.pipeline import SwapEngine
 from facecast.slots import Closed, DropOldestQueue, LatestSlot
-from facecast.timing import StageClock
+from facecast.timing import Histogram, StageClock
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,10 @@ class LiveStats:
     rate_changes: int = 0
     rate_level: float = 1.0
     started: float = field(default_factory=time.monotonic)
+    faces_last: int = 0  # faces found in the last processed frame
     # seconds from decode (Frame.t_ingest) to the encoded frame handed to the output
     latency: deque = field(default_factory=lambda: deque(maxlen=2000))
+    latency_histogram: Histogram = field(default_factory=Histogram)
     clock: StageClock = field(default_factory=StageClock)
 
     def latency_ms(self, percentile: float) -> float:
@@ -179,6 +181,10 @@ class LivePipeline:
         try:
             while any(t.is_alive() for t in threads):
                 threads[-1].join(0.2)
+                if stop.is_set():
+                    # wake a producer waiting on a lossless slot whose consumer has left
+                    self.decoded.close()
+                    self.processed.close()
                 if time.monotonic() >= next_status:
                     self.log_status()
                     next_status += self.status_interval
@@ -241,6 +247,12 @@ class LivePipeline:
         self.decoded.close()  # a file that ended: let the later stages finish
 
     def _process(self, stop: threading.Event) -> None:
+        try:
+            self._process_frames(stop)
+        finally:
+            self.processed.close()  # input ended (or stopping): let the output finish
+
+    def _process_frames(self, stop: threading.Event) -> None:
         clock = self.stats.clock
         failures_logged = 0
         while not stop.is_set():
@@ -251,6 +263,7 @@ class LivePipeline:
             if self.swapping:
                 try:
                     result = self.engine.process(frame.image, clock)
+                    self.stats.faces_last = result.faces
                     self.stats.faces_swapped += result.swapped
                     if result.swapped:
                         self.stats.frames_swapped += 1
@@ -268,7 +281,6 @@ class LivePipeline:
             clock.add("process", time.perf_counter() - start)
             self.stats.frames_processed += 1
             self.processed.put(frame)
-        self.processed.close()
 
     def _output(self, stop: threading.Event) -> None:
         last: Frame | None = None
@@ -319,7 +331,9 @@ class LivePipeline:
         if held:
             self.stats.frames_held += 1
         else:
-            self.stats.latency.append(time.monotonic() - frame.t_ingest)
+            latency = time.monotonic() - frame.t_ingest
+            self.stats.latency.append(latency)
+            self.stats.latency_histogram.observe(latency)
         self._adapt(sink, spent)
 
     def _adapt(self, sink: Sink, spent: float) -> None:
@@ -340,9 +354,11 @@ class LivePipeline:
         sink.set_rate(fps, bitrate)
 
 
-def run_stream(settings: StreamSettings) -> LiveStats:
-    """``facecast stream``: build the engine and both endpoints, run until SIGINT/SIGTERM
-    (or until a non-live input ends), flush the output and return."""
+def build_pipeline(
+    settings: StreamSettings, source_image: np.ndarray | None = None, name: str | None = None
+) -> LivePipeline:
+    """A ready-to-run pipeline for ``settings``: engine with the source face loaded (from
+    ``source_image`` if given, else ``settings.source_image``), input and output."""
     from facecast.faces.select import Selection
     from facecast.media.image_io import read_image
     from facecast.media.live_sink import StreamSink
@@ -350,7 +366,8 @@ def run_stream(settings: StreamSettings) -> LiveStats:
     from facecast.pipeline import EngineOptions, output_mark
     from facecast.swap.mesh_swapper import SwapOptions
 
-    assert settings.source_image and settings.input and settings.output
+    assert settings.input and settings.output
+    assert source_image is not None or settings.source_image
     try:
         selection = Selection.parse(settings.faces)
     except ValueError as exc:
@@ -362,15 +379,18 @@ def run_stream(settings: StreamSettings) -> LiveStats:
         detect_every=settings.detect_every,
     )
     engine = SwapEngine(options)
-    engine.load_source(read_image(settings.source_image), name=str(settings.source_image))
+    source_name = str(settings.source_image or "uploaded face")
+    if source_image is None:
+        source_image = read_image(settings.source_image)  # type: ignore[arg-type]
+    engine.load_source(source_image, name=source_name)
     source = StreamSource(
         settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
     )
-    mark = output_mark(settings.source_image, options)
+    mark = output_mark(source_name, options)
 
     def open_sink(width: int, height: int, fps: float, audio: Any) -> StreamSink:
         return StreamSink(
-            settings.output,
+            settings.output,  # type: ignore[arg-type]
             width=width,
             height=height,
             fps=fps,
@@ -381,15 +401,22 @@ def run_stream(settings: StreamSettings) -> LiveStats:
             mark=mark,
         )
 
-    pipeline = LivePipeline(
+    return LivePipeline(
         engine,
         source,
         open_sink,
         bitrate=settings.bitrate,
         status_interval=settings.status_interval,
-        name=_stream_name(settings.input),
+        name=name or _stream_name(settings.input),
         lossless=not (source.live or settings.realtime),
     )
+
+
+def run_stream(settings: StreamSettings) -> LiveStats:
+    """``facecast stream``: build the engine and both endpoints, run until SIGINT/SIGTERM
+    (or until a non-live input ends), flush the output and return."""
+    assert settings.source_image and settings.input and settings.output
+    pipeline = build_pipeline(settings)
     stop = threading.Event()
     with _stop_on_signals(stop):
         log.info(

@@ -171,3 +171,19 @@ def test_rate_controller_recovers_with_hysteresis():
     assert all(controller.observe(0.1, 1.0, now=1 + i * 0.1) is None for i in range(5))
     back = [controller.observe(0.1, 1.0, now=2.5 + i * 0.1) for i in range(5)]
     assert 0 in back
+
+
+def test_lossless_mode_passes_every_frame_and_stops_when_asked(engine):
+    """A file read flat out: the stages wait for each other, so every frame comes out in
+    order; and a stop in the middle ends the run (a producer left waiting on a full slot
+    must be released)."""
+    source = PacedSource(fps=1000, seconds=0.06)  # 60 frames as fast as they can be made
+    sink = RecordingSink(delay=0.01)
+    pipeline, _ = run_pipeline(engine, source, sink, seconds=30, lossless=True)
+    assert [index for _, index in sink.frames] == list(range(1, 61))
+    assert pipeline.decoded.dropped == pipeline.processed.dropped == 0
+
+    endless = PacedSource(fps=1000, seconds=3600)
+    started = time.monotonic()
+    run_pipeline(engine, endless, RecordingSink(delay=0.05), seconds=1.0, lossless=True)
+    assert time.monotonic() - started < 5
