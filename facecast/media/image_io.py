@@ -61,6 +61,54 @@ def read_image(path: str | Path) -> np.ndarray:
     return to_bgr8(image)
 
 
+UPLOAD_FORMATS = ("jpeg", "png")
+MAX_UPLOAD_PIXELS = 40_000_000  # ~6300x6300: any real photo; refuses decompression bombs
+
+
+class UnsupportedImageError(MediaError):
+    """Bytes that are not an image type we accept (judged by content, not by name)."""
+
+
+def decode_image_bytes(data: bytes, name: str = "upload") -> np.ndarray:
+    """An uploaded JPEG or PNG as BGR uint8. The type is sniffed from the bytes and the
+    size read from the header before anything is decoded, so a small file that claims a
+    huge picture is refused without allocating it."""
+    fmt = sniff_image_format(data[:32])
+    if fmt not in UPLOAD_FORMATS:
+        raise UnsupportedImageError(f"{name}: not a JPEG or PNG image")
+    size = _png_size(data) if fmt == "png" else _jpeg_size(data)
+    if size is None:
+        raise MediaError(f"{name}: corrupt {fmt.upper()} header")
+    width, height = size
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise MediaError(
+            f"{name}: {width}x{height} is too large (at most {MAX_UPLOAD_PIXELS:,} pixels)"
+        )
+    flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        raise MediaError(f"{name}: corrupt {fmt.upper()} image")
+    return to_bgr8(image)
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return (width, height) if width and height else None
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    for _, marker, payload in _jpeg_segments(data):
+        if marker in _JPEG_SOF and len(payload) >= 5:
+            height, width = struct.unpack(">HH", payload[1:5])
+            return (width, height) if width and height else None
+    return None
+
+
 def to_bgr8(image: np.ndarray) -> np.ndarray:
     """Normalise any decoded image (gray, BGRA, 16-bit, float) to BGR uint8."""
     if image.dtype != np.uint8:

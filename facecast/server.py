@@ -1,0 +1,160 @@
+"""The HTTP control plane: health, readiness, metrics, stream status and control.
+
+Routes:
+- ``GET /healthz``: the process answers (liveness).
+- ``GET /readyz``: 200 when models load and every stream's input is up, else 503 with the
+  reasons (readiness).
+- ``GET /metrics``: Prometheus text format (see ``facecast.metrics``).
+- ``GET /api/streams``, ``GET /api/streams/{key}``: status of each stream.
+- ``POST /api/streams/{key}/source``: a new source face, as the raw body of a JPEG or PNG
+  upload (``Content-Type: image/jpeg``), used from the stream's next frame.
+- ``POST /api/streams/{key}/swapping``: ``{"enabled": false}`` passes frames through.
+
+Security: routes that change anything need ``Authorization: Bearer <FACECAST_API_TOKEN>``.
+Without a configured token they are open, so ``serve_http`` then binds to loopback only
+and says so. Uploads are size-limited before they are read whole, typed by their bytes,
+and decoded in memory: nothing from a request ever names a file.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from facecast.errors import MediaError, NoFaceError
+from facecast.media.image_io import UnsupportedImageError, decode_image_bytes
+from facecast.metrics import CONTENT_TYPE, exposition, make_registry
+from facecast.streams import StreamManager, UnknownStreamError
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+LOOPBACK = "127.0.0.1"
+
+
+class SwappingRequest(BaseModel):
+    enabled: bool
+
+
+def create_app(
+    manager: StreamManager, token: str | None, max_upload: int = MAX_UPLOAD_BYTES
+) -> FastAPI:
+    app = FastAPI(title="facecast", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    registry = make_registry(manager)
+    # Model files are checked once: they do not change under a running process.
+    model_problems = _model_problems()
+
+    def authorised(request: Request) -> None:
+        if token is None:
+            return  # loopback-only server (see serve_http)
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    guard = [Depends(authorised)]
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        reasons = model_problems + manager.readiness()
+        body = {"ready": not reasons, "reasons": reasons}
+        return JSONResponse(body, status_code=200 if not reasons else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(exposition(registry), media_type=CONTENT_TYPE)
+
+    @app.get("/api/streams")
+    def streams() -> dict[str, Any]:
+        return {"streams": [handle.status() for handle in manager.handles()]}
+
+    @app.get("/api/streams/{key}")
+    def stream(key: str) -> dict[str, Any]:
+        try:
+            return manager.get(key).status()
+        except UnknownStreamError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.post("/api/streams/{key}/source", dependencies=guard)
+    async def set_source(key: str, request: Request) -> dict[str, Any]:
+        try:
+            manager.get(key)
+        except UnknownStreamError as exc:
+            raise HTTPException(404, str(exc)) from None
+        data = await _read_limited(request, max_upload)
+        name = f"upload for {key}"
+        try:
+            image = decode_image_bytes(data, name)
+        except UnsupportedImageError as exc:
+            raise HTTPException(415, str(exc)) from None
+        except MediaError as exc:
+            raise HTTPException(422, str(exc)) from None
+        try:
+            manager.set_source(key, image, name)
+        except NoFaceError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except UnknownStreamError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return {"key": key, "source_face": name, "width": image.shape[1], "height": image.shape[0]}
+
+    @app.post("/api/streams/{key}/swapping", dependencies=guard)
+    def set_swapping(key: str, body: SwappingRequest) -> dict[str, Any]:
+        try:
+            manager.set_swapping(key, body.enabled)
+        except UnknownStreamError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return {"key": key, "swapping": body.enabled}
+
+    return app
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) anything over ``limit`` bytes: by its declared length when
+    there is one, else by counting as it arrives, so an oversize upload is never held whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _model_problems() -> list[str]:
+    from facecast.models import REGISTRY, check
+
+    problems = []
+    for model in REGISTRY.values():
+        problem = check(model)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def bind_host(requested: str, token: str | None) -> str:
+    """Where the HTTP plane may listen: anywhere with a token, loopback only without."""
+    if token is None and requested not in (LOOPBACK, "localhost", "::1"):
+        log.warning(
+            "no FACECAST_API_TOKEN set: the HTTP plane listens on %s only (not %s); set a "
+            "token to serve other hosts",
+            LOOPBACK,
+            requested,
+        )
+        return LOOPBACK
+    if token is None:
+        log.warning("no FACECAST_API_TOKEN set: control routes are open to local users")
+    return requested
