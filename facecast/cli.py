@@ -223,6 +223,46 @@ def probe(
 
 
 @app.command()
+def serve(
+    profiles: Annotated[
+        Path | None,
+        typer.Option(envvar="FACECAST_PROFILES", help="YAML: stream key -> source face, options."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="HTTP listen address (loopback without a token).")] = (
+        "0.0.0.0"
+    ),
+    http_port: Annotated[int, typer.Option(help="HTTP control plane port.")] = 8080,
+    rtmp_port: Annotated[int, typer.Option(help="RTMP ingest port.")] = 1935,
+    hls_port: Annotated[int, typer.Option(help="HLS port of the ingest server.")] = 8088,
+) -> None:
+    """Service mode: ingest server + HTTP plane; every stream published to live/KEY comes out
+    swapped with KEY's profile at swapped/KEY. Token: FACECAST_API_TOKEN."""
+    import os
+    import threading
+
+    from facecast.live import _stop_on_signals
+    from facecast.service import Service, load_profiles
+
+    try:
+        table = load_profiles(profiles) if profiles else {}
+        if not table:
+            console.print("[yellow]no profiles: every publisher will be refused[/]")
+        service = Service(
+            table,
+            token=os.environ.get("FACECAST_API_TOKEN") or None,
+            host=host,
+            http_port=http_port,
+            rtmp_port=rtmp_port,
+            hls_port=hls_port,
+        )
+        stop = threading.Event()
+        with _stop_on_signals(stop):
+            service.run(stop)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
 def models(
     check: Annotated[bool, typer.Option("--check", help="Exit 2 if any file is bad.")] = False,
 ) -> None:

@@ -188,7 +188,9 @@ class IngestServer:
             raise IngestError(f"nginx config template not found: {self.template}")
         module = self.rtmp_module or find_rtmp_module(self.nginx)
         if self.on_publish_url:
-            on_publish = f"on_publish {self.on_publish_url};"
+            # One URL for both: nginx-rtmp says which in the form field "call"
+            # (publish / publish_done), so a key's pipeline can start and stop with it.
+            on_publish = f"on_publish {self.on_publish_url}; on_publish_done {self.on_publish_url};"
         else:
             on_publish = "# on_publish http://127.0.0.1:PORT/PATH;  (off)"
         # As root, nginx would run its worker as "nobody", which cannot write HLS files under
