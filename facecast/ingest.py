@@ -127,6 +127,7 @@ class IngestServer:
         prefix: Path | None = None,
         on_publish_url: str | None = None,
         *,
+        listen: str = HOST,
         nginx: str = "nginx",
         rtmp_module: Path | None = None,
         template: Path = TEMPLATE,
@@ -134,6 +135,7 @@ class IngestServer:
         self.rtmp_port = rtmp_port
         self.http_port = http_port
         self.on_publish_url = on_publish_url
+        self.listen = listen  # clients on this machine still use 127.0.0.1 (rtmp_url)
         self.nginx = nginx
         self.rtmp_module = rtmp_module
         self.template = template
@@ -203,6 +205,7 @@ class IngestServer:
             "RTMP_PORT": str(self.rtmp_port),
             "HTTP_PORT": str(self.http_port),
             "ON_PUBLISH": on_publish,
+            "LISTEN": self.listen,
         }
         text = self.template.read_text()
         for name, value in values.items():

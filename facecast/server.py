@@ -22,6 +22,7 @@ import hmac
 import logging
 from typing import Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -49,17 +50,7 @@ def create_app(
     # Model files are checked once: they do not change under a running process.
     model_problems = _model_problems()
 
-    def authorised(request: Request) -> None:
-        if token is None:
-            return  # loopback-only server (see serve_http)
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    guard = [Depends(authorised)]
+    guard = bearer_guard(token)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -92,14 +83,8 @@ def create_app(
             manager.get(key)
         except UnknownStreamError as exc:
             raise HTTPException(404, str(exc)) from None
-        data = await _read_limited(request, max_upload)
         name = f"upload for {key}"
-        try:
-            image = decode_image_bytes(data, name)
-        except UnsupportedImageError as exc:
-            raise HTTPException(415, str(exc)) from None
-        except MediaError as exc:
-            raise HTTPException(422, str(exc)) from None
+        image = await read_image_upload(request, max_upload, name)
         try:
             manager.set_source(key, image, name)
         except NoFaceError as exc:
@@ -117,6 +102,34 @@ def create_app(
         return {"key": key, "swapping": body.enabled}
 
     return app
+
+
+def bearer_guard(token: str | None) -> list[Any]:
+    """The dependency list for routes that change anything: 401 unless the request carries
+    ``Authorization: Bearer <token>``. Without a token the server is loopback-only."""
+
+    def authorised(request: Request) -> None:
+        if token is None:
+            return  # loopback-only server (see bind_host)
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    return [Depends(authorised)]
+
+
+async def read_image_upload(request: Request, limit: int, name: str) -> np.ndarray:
+    """The request body as an image, or the HTTP error that says what is wrong with it."""
+    data = await _read_limited(request, limit)
+    try:
+        return decode_image_bytes(data, name)
+    except UnsupportedImageError as exc:
+        raise HTTPException(415, str(exc)) from None
+    except MediaError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import shutil
+import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import cv2
 import uvicorn
 import yaml
 from fastapi import HTTPException, Request
@@ -24,14 +29,23 @@ from fastapi.responses import PlainTextResponse
 
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError
+from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.select import Selection
 from facecast.ingest import IngestServer
-from facecast.server import LOOPBACK, bind_host, create_app
+from facecast.server import (
+    LOOPBACK,
+    MAX_UPLOAD_BYTES,
+    bearer_guard,
+    bind_host,
+    create_app,
+    read_image_upload,
+)
 from facecast.streams import StreamManager, UnknownStreamError
 
 log = logging.getLogger(__name__)
 
 BLENDS = ("feather", "poisson")
+KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -96,9 +110,22 @@ class Service:
         self.host = bind_host(host, token)
         self.http_port = http_port
         hook = f"http://{LOOPBACK}:{http_port}/hooks/rtmp"
-        self.ingest = IngestServer(rtmp_port, hls_port, prefix, on_publish_url=hook)
+        # The ingest server opens to other hosts exactly when the HTTP plane does.
+        self.ingest = IngestServer(
+            rtmp_port, hls_port, prefix, on_publish_url=hook, listen=self.host
+        )
         self.app = create_app(self.manager, token)
         self.app.add_api_route("/hooks/rtmp", self._rtmp_hook, methods=["POST"])
+        self.app.add_api_route(
+            "/api/profiles/{key}",
+            self._put_profile,
+            methods=["PUT"],
+            dependencies=bearer_guard(token),
+        )
+        self.app.add_api_route("/api/profiles", self._list_profiles, methods=["GET"])
+        # Faces uploaded for new profiles: a private folder, files named by us, never by
+        # the request.
+        self._uploads = Path(tempfile.mkdtemp(prefix="facecast-faces-"))
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -131,6 +158,38 @@ class Service:
             self._http.should_exit = True
         if self._http_thread is not None:
             self._http_thread.join(10)
+        shutil.rmtree(self._uploads, ignore_errors=True)
+
+    # ------------------------------------------------------------------ profiles API
+
+    def _list_profiles(self) -> dict[str, Any]:
+        return {
+            key: {"source": p.source.name, "faces": p.faces, "blend": p.blend}
+            for key, p in sorted(self.profiles.items())
+        }
+
+    async def _put_profile(
+        self, key: str, request: Request, faces: str = "all", blend: str = "feather"
+    ) -> dict[str, Any]:
+        """A profile for ``key`` from an uploaded face photo (the request body); options as
+        query parameters. Takes effect at the key's next publish."""
+        if not KEY_RE.fullmatch(key):
+            raise HTTPException(422, "stream key: 1-64 letters, digits, '-' or '_'")
+        try:
+            Selection.parse(faces)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if blend not in BLENDS:
+            raise HTTPException(422, f"blend must be one of {', '.join(BLENDS)}")
+        image = await read_image_upload(request, MAX_UPLOAD_BYTES, f"face for {key}")
+        if not FaceAnalyser(tiles=True).analyse(image):
+            raise HTTPException(422, f"face for {key}: no face found in the photo")
+        path = self._uploads / f"{uuid.uuid4().hex}.png"
+        if not cv2.imwrite(str(path), image):
+            raise HTTPException(500, "cannot store the uploaded face")
+        self.profiles[key] = Profile(path, faces, blend)
+        log.info("profile %s: set through the API", key)
+        return {"key": key, "faces": faces, "blend": blend}
 
     def run(self, stop: threading.Event) -> None:
         self.start()

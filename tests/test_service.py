@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
 from facecast.errors import FacecastError
-from facecast.ingest import free_ports
+from facecast.ingest import free_ports, port_accepts
 from facecast.media.image_io import read_image
 from facecast.service import Service, load_profiles
 from tests import live_helpers
 from tests.live_helpers import grab_frames, publish, wait_for_stream
 
-from .conftest import MEDIA
+from .conftest import MEDIA, REPO
 from .test_live_stream import face_distance_to_source
 
 live_procs = live_helpers.live_procs
@@ -114,3 +118,55 @@ def test_profiles_file_errors_name_the_key(tmp_path):
     path.write_text(f"cam3:\n  source: {MEDIA / 'obama.jpg'}\n  colour: red\n")
     with pytest.raises(FacecastError, match="unknown fields colour"):
         load_profiles(path)
+
+
+def test_a_profile_added_through_the_api_lets_its_key_publish(service, live_procs):
+    base = f"http://127.0.0.1:{service.http_port}"
+    photo = (MEDIA / "alex-lacamoire.png").read_bytes()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"{base}/api/profiles/carol"
+    assert httpx.put(url, content=photo, timeout=30).status_code == 401
+    bad_key = httpx.put(f"{base}/api/profiles/..%2Fetc", content=photo, headers=auth, timeout=30)
+    assert bad_key.status_code in (404, 422)
+    bad = httpx.put(url, params={"faces": "most"}, content=photo, headers=auth, timeout=30)
+    assert bad.status_code == 422
+    ok = httpx.put(url, params={"faces": "largest"}, content=photo, headers=auth, timeout=30)
+    assert ok.status_code == 200, ok.text
+    assert httpx.get(f"{base}/api/profiles", timeout=10).json()["carol"]["faces"] == "largest"
+
+    live_procs.add(publish(service.ingest.rtmp_url("live", "carol"), CLIP, loop=True))
+    wait_for_stream(service.ingest.rtmp_url("swapped", "carol"), timeout=40)
+    assert [h.key for h in service.manager.handles()] == ["carol"]
+
+
+def test_serve_as_a_process_stops_everything_on_sigterm(tmp_path, live_procs):
+    http_port, rtmp_port, hls_port = free_ports(3)
+    profiles = write_profiles(tmp_path, {"dave": "obama.jpg"})
+    cmd = [sys.executable, "-m", "facecast.cli", "serve", "--profiles", str(profiles)]
+    cmd += ["--http-port", str(http_port), "--rtmp-port", str(rtmp_port)]
+    cmd += ["--hls-port", str(hls_port)]
+    env = {**os.environ, "FACECAST_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    live_procs.add(proc)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        pytest.fail(log_path.read_text()[-3000:])
+    live_procs.add(publish(f"rtmp://127.0.0.1:{rtmp_port}/live/dave", CLIP, loop=True))
+    wait_for_stream(f"rtmp://127.0.0.1:{rtmp_port}/swapped/dave", timeout=40)
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(20)
+    print(f"serve stopped in {time.monotonic() - started:.1f} s")
+    assert code == 0, log_path.read_text()[-3000:]
+    assert not port_accepts(rtmp_port) and not port_accepts(http_port)  # nginx and HTTP gone
+    assert "Traceback" not in log_path.read_text()
