@@ -20,7 +20,9 @@ import numpy as np
 from facecast import __version__
 from facecast.errors import MediaError, NoFaceError
 from facecast.faces.analyse import FaceAnalyser
+from facecast.faces.face import Face
 from facecast.faces.select import Selection
+from facecast.faces.temporal import TemporalFaces
 from facecast.media.frame import Frame
 from facecast.media.image_io import read_image, write_image
 from facecast.media.kind import detect_kind
@@ -42,6 +44,8 @@ class EngineOptions:
     label_text: str = "AI-generated"
     tiles: bool = False  # tiled detection: slower, finds small faces (used for still images)
     detect_every: int = 1  # video: detect every N frames, follow meshes in between
+    temporal: bool = False  # video: reset on cuts, track ids, smooth meshes (faces/temporal.py)
+    fps: float = 30.0  # the video's frame rate, for the smoothing's time base
 
 
 @dataclass
@@ -80,6 +84,8 @@ class SwapEngine:
         )
         self.swapper = MeshSwapper(self.options.swap)
         self.source: SourceFace | None = None
+        self.temporal = TemporalFaces(self.options.fps) if self.options.temporal else None
+        self.last_faces: list[Face] = []
 
     def load_source(self, image: np.ndarray, name: str = "source image") -> SourceFace:
         """Prepare the source face (the largest, if the photo shows several)."""
@@ -98,7 +104,13 @@ class SwapEngine:
         if self.source is None:
             raise RuntimeError("load_source() first")
         clock = clock or StageClock()
+        if self.temporal is not None and self.temporal.begin(image):
+            self.analyser.reset()  # a new shot: nothing to follow from the last one
         faces = self.analyser.analyse(image, clock)
+        if self.temporal is not None:
+            with clock.stage("track"):
+                faces = self.temporal.settle(image, faces)
+        self.last_faces = faces
         result = FrameResult(faces=len(faces))
         for face in self.options.selection.choose(faces):
             result.swapped += self.swapper.swap(image, face, self.source, clock)
