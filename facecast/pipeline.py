@@ -20,6 +20,7 @@ import numpy as np
 from facecast import __version__
 from facecast.errors import MediaError, NoFaceError
 from facecast.faces.analyse import FaceAnalyser
+from facecast.faces.embed import FaceEmbedder
 from facecast.faces.face import Face
 from facecast.faces.select import Selection
 from facecast.faces.temporal import TemporalFaces
@@ -46,6 +47,9 @@ class EngineOptions:
     detect_every: int = 1  # video: detect every N frames, follow meshes in between
     temporal: bool = False  # video: reset on cuts, track ids, smooth meshes (faces/temporal.py)
     fps: float = 30.0  # the video's frame rate, for the smoothing's time base
+    # reference mode: the largest dlib distance at which a face counts as a reference's
+    # person (same person ~0.3-0.45 on our photos, different people 0.6 and up)
+    reference_distance: float = 0.5
 
 
 @dataclass
@@ -86,6 +90,10 @@ class SwapEngine:
         self.source: SourceFace | None = None
         self.temporal = TemporalFaces(self.options.fps) if self.options.temporal else None
         self.last_faces: list[Face] = []
+        # reference mode: (the person to swap, the face they get), see add_reference()
+        self.references: list[tuple[np.ndarray, SourceFace]] = []
+        self.last_swaps: list[tuple[Face, int | None]] = []  # (face, reference index)
+        self._embedder: FaceEmbedder | None = None  # loaded with the first reference
 
     def load_source(self, image: np.ndarray, name: str = "source image") -> SourceFace:
         """Prepare the source face (the largest, if the photo shows several)."""
@@ -99,10 +107,32 @@ class SwapEngine:
         self.source = self.swapper.prepare(image, faces[0])
         return self.source
 
+    def add_reference(
+        self, reference: np.ndarray, source: np.ndarray, name: str = "reference photo"
+    ) -> int:
+        """From now on only the person in ``reference`` is swapped, with the face in
+        ``source``; call again for more people (person A -> face X, person B -> face Y).
+        Faces that match no reference are left untouched. Video and live only: identity
+        is decided per track."""
+        faces = FaceAnalyser(tiles=True).analyse(reference)
+        if not faces:
+            raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
+        if self._embedder is None:
+            self._embedder = FaceEmbedder()
+        embedding = self._embedder.embed(reference, faces[0])
+        source_faces = FaceAnalyser(tiles=True).analyse(source)
+        if not source_faces:
+            raise NoFaceError(f"no face found in the source for {name}")
+        self.references.append((embedding, self.swapper.prepare(source, source_faces[0])))
+        if self.temporal is None or self.temporal.embed is None:
+            self.temporal = TemporalFaces(self.options.fps, embed=self._embedder.embed)
+        self.source = self.source or self.references[0][1]
+        return len(self.references) - 1
+
     def process(self, image: np.ndarray, clock: StageClock | None = None) -> FrameResult:
         """Swap the selected faces of ``image`` in place and label it."""
         if self.source is None:
-            raise RuntimeError("load_source() first")
+            raise RuntimeError("load_source() or add_reference() first")
         clock = clock or StageClock()
         if self.temporal is not None and self.temporal.begin(image):
             self.analyser.reset()  # a new shot: nothing to follow from the last one
@@ -112,12 +142,35 @@ class SwapEngine:
                 faces = self.temporal.settle(image, faces)
         self.last_faces = faces
         result = FrameResult(faces=len(faces))
-        for face in self.options.selection.choose(faces):
-            result.swapped += self.swapper.swap(image, face, self.source, clock)
+        self.last_swaps = []
+        for face, ref in self._chosen(image, faces, clock):
+            source = self.source if ref is None else self.references[ref][1]
+            swapped = self.swapper.swap(image, face, source, clock)
+            result.swapped += swapped
+            if swapped:
+                self.last_swaps.append((face, ref))
         if self.options.label:
             with clock.stage("label"):
                 draw_label(image, self.options.label_text)
         return result
+
+    def _chosen(
+        self, image: np.ndarray, faces: list[Face], clock: StageClock
+    ) -> list[tuple[Face, int | None]]:
+        """The faces to swap, each with its reference (None: the one source face)."""
+        if not self.references:
+            return [(face, None) for face in self.options.selection.choose(faces)]
+        assert self.temporal is not None
+        embeddings = [embedding for embedding, _ in self.references]
+        chosen = []
+        with clock.stage("identify"):
+            for face in faces:
+                ref = self.temporal.identify(
+                    image, face, embeddings, self.options.reference_distance
+                )
+                if ref is not None:
+                    chosen.append((face, ref))
+        return chosen
 
 
 def output_mark(source: Path | str, options: EngineOptions) -> dict[str, str]:

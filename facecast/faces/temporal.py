@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from facecast.faces.embed import face_distance
 from facecast.faces.face import Face
 from facecast.faces.smooth import OneEuroFilter
 from facecast.faces.track import Embed, FaceTracker
@@ -25,6 +26,10 @@ class TemporalFaces:
         self.filters: dict[int, OneEuroFilter] = {}
         self.frames = 0
         self.cuts = 0
+        self.embed = embed
+        # track id -> index of the reference it matched, or None (checked again later)
+        self.identities: dict[int, int | None] = {}
+        self._identity_checks: dict[int, int] = {}
 
     def begin(self, image: np.ndarray) -> bool:
         """Call first for every frame; True on a scene cut (all state is reset)."""
@@ -33,6 +38,8 @@ class TemporalFaces:
             self.cuts += 1
             self.tracker.reset()
             self.filters.clear()
+            self.identities.clear()
+            self._identity_checks.clear()
         return cut
 
     def settle(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
@@ -49,4 +56,34 @@ class TemporalFaces:
                 face.mesh = smoother(face.mesh, t).astype(face.mesh.dtype)
         known = {track.id for track in self.tracker.tracks}
         self.filters = {k: f for k, f in self.filters.items() if k in known}
+        self.identities = {k: v for k, v in self.identities.items() if k in known}
         return faces
+
+    def identify(
+        self,
+        image: np.ndarray,
+        face: Face,
+        references: list[np.ndarray],
+        threshold: float,
+        recheck_every: int = 5,
+        max_checks: int = 6,
+    ) -> int | None:
+        """Which reference person ``face`` is (index), or None. Decided once per track; a
+        track that matched nobody is looked at again a few times (it may have turned
+        towards the camera), then left alone."""
+        assert self.embed is not None and face.track_id is not None
+        key = face.track_id
+        known = self.identities.get(key)
+        if known is not None:
+            return known
+        checks = self._identity_checks.get(key, 0)
+        if key in self.identities and (checks >= max_checks or self.frames % recheck_every):
+            return None
+        self._identity_checks[key] = checks + 1
+        embedding = face.embedding if face.embedding is not None else self.embed(image, face)
+        face.embedding = embedding
+        distances = [face_distance(embedding, r) for r in references]
+        best = int(np.argmin(distances))
+        match = best if distances[best] <= threshold else None
+        self.identities[key] = match
+        return match
