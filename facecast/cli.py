@@ -53,7 +53,24 @@ def _progress() -> Progress:
     )
 
 
-def run_swap(source: Path, target: Path, output: Path, faces: str, blend: str, label: bool) -> None:
+def parse_references(texts: list[str], source: Path) -> tuple[tuple[Path, Path], ...]:
+    """``PHOTO`` (swap that person with the source face) or ``PHOTO=FACE`` (with FACE)."""
+    pairs = []
+    for text in texts:
+        reference, _, face = text.partition("=")
+        pairs.append((Path(reference), Path(face) if face else source))
+    return tuple(pairs)
+
+
+def run_swap(
+    source: Path,
+    target: Path,
+    output: Path,
+    faces: str,
+    blend: str,
+    label: bool,
+    references: tuple[tuple[Path, Path], ...] = (),
+) -> None:
     """Shared by ``swap`` and ``demo``: one place turns FacecastErrors into exit code 2."""
     from facecast.faces.select import Selection
     from facecast.pipeline import EngineOptions, swap_file
@@ -65,7 +82,12 @@ def run_swap(source: Path, target: Path, output: Path, faces: str, blend: str, l
         raise fail(str(exc)) from None
     if blend not in ("feather", "poisson"):
         raise fail(f"unknown blend {blend!r}: use feather or poisson")
-    options = EngineOptions(selection=selection, swap=SwapOptions(blend=blend), label=label)  # type: ignore[arg-type]
+    options = EngineOptions(
+        selection=selection,
+        swap=SwapOptions(blend=blend),  # type: ignore[arg-type]
+        label=label,
+        references=references,
+    )
     progress = _progress()
     task = progress.add_task(target.name, total=None, fps=0.0)
     started = [0.0]
@@ -101,9 +123,16 @@ def swap(
     label: Annotated[
         bool, typer.Option("--label/--no-label", help="Visible 'AI-generated' label.")
     ] = True,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Swap only this person: PHOTO (gets the source face) or PHOTO=FACE. "
+            "Repeat for several people; anyone else is left untouched."
+        ),
+    ] = None,
 ) -> None:
     """Swap the face from SOURCE onto the chosen faces of an image or a video file."""
-    run_swap(source, target, output, faces, blend, label)
+    run_swap(source, target, output, faces, blend, label, parse_references(reference or [], source))
 
 
 @app.command()

@@ -50,6 +50,8 @@ class EngineOptions:
     # reference mode: the largest dlib distance at which a face counts as a reference's
     # person (same person ~0.3-0.45 on our photos, different people 0.6 and up)
     reference_distance: float = 0.5
+    # (reference photo, source photo) pairs: swap only these people, each with that face
+    references: tuple[tuple[Path, Path], ...] = ()
 
 
 @dataclass
@@ -213,6 +215,8 @@ def swap_file(
 def _engine_for(source: Path, options: EngineOptions) -> SwapEngine:
     engine = SwapEngine(options)
     engine.load_source(read_image(source), name=str(source))
+    for reference, face in options.references:
+        engine.add_reference(read_image(reference), read_image(face), name=str(reference))
     return engine
 
 
@@ -275,11 +279,13 @@ def swap_video_file(
     by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
     packets travel the same queues untouched, so the sink muxes them in container order."""
     detect_every = options.detect_every if options.detect_every > 1 else FILE_DETECT_EVERY
-    engine = _engine_for(source, replace(options, detect_every=detect_every))
+    engine = _engine_for(source, replace(options, detect_every=detect_every, temporal=True))
     stats = RunStats()
     clock = stats.clock
     started = time.perf_counter()
     with VideoFileSource(target) as src:
+        if engine.temporal is not None:
+            engine.temporal.fps = float(src.fps)  # the smoothing's time base
         total = src.frame_count or None
         with VideoFileSink.for_source(output, src, mark=output_mark(source, options)) as sink:
             decoded: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
