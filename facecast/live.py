@@ -377,6 +377,7 @@ def build_pipeline(
         swap=SwapOptions(blend=settings.blend),  # type: ignore[arg-type]
         label=settings.label,
         detect_every=settings.detect_every,
+        temporal=True,  # cut reset, track ids, steady meshes
     )
     engine = SwapEngine(options)
     source_name = str(settings.source_image or "uploaded face")
