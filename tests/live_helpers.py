@@ -264,6 +264,16 @@ def wait_for_stream(
         time.sleep(0.2)
 
 
+def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    """Poll ``condition`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
 def wait_for_http(url: str, timeout: float = 10.0) -> bytes:
     """GET ``url`` until it answers 200 (e.g. an HLS playlist that appears later); the body."""
     deadline = time.monotonic() + timeout
@@ -421,4 +431,5 @@ __all__ = [
     "stop_process",
     "wait_for_http",
     "wait_for_stream",
+    "wait_until",
 ]

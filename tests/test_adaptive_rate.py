@@ -10,6 +10,7 @@ from facecast.media.live_sink import StreamSink
 from facecast.media.live_source import StreamSource
 from facecast.pipeline import SwapEngine
 from tests import live_helpers
+from tests.live_helpers import wait_until
 from tests.throttle import RelayProcess
 
 from .conftest import MEDIA
@@ -18,15 +19,6 @@ ingest_server = live_helpers.ingest_server
 
 CLIP = MEDIA / "short_hamilton_clip.mp4"
 BITRATE = 4_000_000
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_output_rate_steps_down_on_a_throttled_link_and_back_up(ingest_server, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 
 import cv2
 import numpy as np
@@ -17,7 +16,7 @@ from facecast.ingest import free_port
 from facecast.server import create_app
 from facecast.streams import StreamManager
 from tests import live_helpers
-from tests.live_helpers import publish, stop_process
+from tests.live_helpers import publish, stop_process, wait_until
 
 from .conftest import MEDIA, REPO
 
@@ -27,15 +26,6 @@ CLIP = MEDIA / "short_hamilton_clip.mp4"
 FACE = REPO / "examples" / "obama.jpg"
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture
