@@ -161,7 +161,8 @@ class SwapEngine:
     ) -> list[tuple[Face, int | None]]:
         """The faces to swap, each with its reference (None: the one source face)."""
         if not self.references:
-            return [(face, None) for face in self.options.selection.choose(faces)]
+            order = self.temporal.order if self.temporal is not None else None
+            return [(face, None) for face in self.options.selection.choose(faces, order)]
         assert self.temporal is not None
         embeddings = [embedding for embedding, _ in self.references]
         chosen = []

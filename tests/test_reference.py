@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from facecast.faces.select import Selection
 from facecast.media.image_io import read_image
 from facecast.pipeline import EngineOptions, SwapEngine
 from tests import test_track
@@ -117,3 +118,19 @@ def test_swap_with_a_reference_changes_only_that_person(tmp_path):
     right = np.mean([changed(a[:, 240:], b[:, 240:]) for a, b in pairs])
     print(f"pixels changed: left (Obama) {left:.1%}, right (Biden) {right:.1%}")
     assert left > 0.01 and right < 0.002  # swapping both would change ~2 % on the right
+
+
+def test_index_selection_stays_with_the_person_when_people_cross(heads):
+    """`index:0` is the person who was leftmost when first seen (Obama), also after he
+    has walked past Biden; a per-frame left-to-right count would switch to Biden."""
+    engine = SwapEngine(
+        EngineOptions(detect_every=3, temporal=True, selection=Selection("index", 0))
+    )
+    engine.load_source(read_image(MEDIA / "alex-lacamoire.png"))
+    truth = crossing_and_return()[:60]
+    wrong = missed = 0
+    for positions, done, _ in run(engine, heads, truth):
+        if unambiguous(positions):
+            wrong += sum(1 for person, _ in done if person != "obama.jpg")
+            missed += ("obama.jpg", None) not in done
+    assert wrong == 0 and missed == 0, (wrong, missed)

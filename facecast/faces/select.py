@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,10 +29,13 @@ class Selection:
     def __str__(self) -> str:
         return f"index:{self.index}" if self.mode == "index" else self.mode
 
-    def choose(self, faces: list[Face]) -> list[Face]:
+    def choose(self, faces: list[Face], order: Callable[[Face], float] | None = None) -> list[Face]:
+        """The faces to swap. ``order`` ranks faces for ``index:N`` (default: left to right
+        in this frame; in video, where each track was first seen, so the choice stays with
+        the person when people cross)."""
         if not faces or self.mode == "all":
             return faces
         if self.mode == "largest":
             return [max(faces, key=lambda f: f.area)]
-        ordered = sorted(faces, key=lambda f: float(f.center[0]))
+        ordered = sorted(faces, key=order or (lambda f: float(f.center[0])))
         return [ordered[self.index]] if self.index < len(ordered) else []

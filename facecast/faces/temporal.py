@@ -27,6 +27,8 @@ class TemporalFaces:
         self.frames = 0
         self.cuts = 0
         self.embed = embed
+        # track id -> x where it was first seen: index:N counts people in that order
+        self.first_x: dict[int, float] = {}
         # track id -> index of the reference it matched, or None (checked again later)
         self.identities: dict[int, int | None] = {}
         self._identity_checks: dict[int, int] = {}
@@ -38,6 +40,7 @@ class TemporalFaces:
             self.cuts += 1
             self.tracker.reset()
             self.filters.clear()
+            self.first_x.clear()
             self.identities.clear()
             self._identity_checks.clear()
         return cut
@@ -47,17 +50,23 @@ class TemporalFaces:
         t = self.frames / self.fps
         self.frames += 1
         self.tracker.update(image, faces)
-        live = set()
         for face in faces:
             assert face.track_id is not None
-            live.add(face.track_id)
+            self.first_x.setdefault(face.track_id, float(face.center[0]))
             if self.smooth and face.mesh is not None:
                 smoother = self.filters.setdefault(face.track_id, OneEuroFilter())
                 face.mesh = smoother(face.mesh, t).astype(face.mesh.dtype)
         known = {track.id for track in self.tracker.tracks}
         self.filters = {k: f for k, f in self.filters.items() if k in known}
         self.identities = {k: v for k, v in self.identities.items() if k in known}
+        self.first_x = {k: v for k, v in self.first_x.items() if k in known}
         return faces
+
+    def order(self, face: Face) -> float:
+        """Rank for ``index:N``: where the face's track was first seen (left to right)."""
+        if face.track_id is None:
+            return float(face.center[0])
+        return self.first_x.get(face.track_id, float(face.center[0]))
 
     def identify(
         self,
