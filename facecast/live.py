@@ -377,7 +377,8 @@ def build_pipeline(
         swap=SwapOptions(blend=settings.blend),  # type: ignore[arg-type]
         label=settings.label,
         detect_every=settings.detect_every,
-        temporal=True,  # cut reset, track ids, steady meshes
+        # temporal=True (cut reset, track ids, steady meshes) waits until its effect on live
+        # latency and on swaps under overload is measured: see the issue 5 note.
     )
     engine = SwapEngine(options)
     source_name = str(settings.source_image or "uploaded face")
