@@ -34,7 +34,10 @@ def embedding(analyser, embedder, name: str):
 
 def write_profiles(folder, entries: dict[str, str]):
     lines = [
-        f"{key}:\n  source: {MEDIA / photo}\n  faces: largest\n" for key, photo in entries.items()
+        # all faces: the distance check measures the largest face the checker finds, and on
+        # an overloaded machine the stream's own "largest" can be the other person in a shot
+        f"{key}:\n  source: {MEDIA / photo}\n  faces: all\n"
+        for key, photo in entries.items()
     ]
     path = folder / "profiles.yaml"
     path.write_text("".join(lines))
@@ -70,7 +73,7 @@ def test_two_keys_each_get_their_own_face_and_the_api_changes_only_one(
         wait_for_stream(service.ingest.rtmp_url("swapped", key), timeout=40)
 
     def distances(key: str) -> dict[str, float]:
-        frames = grab_frames(service.ingest.rtmp_url("swapped", key), 15, timeout=30)
+        frames = grab_frames(service.ingest.rtmp_url("swapped", key), 25, timeout=40)
         return {n: face_distance_to_source(analyser, embedder, frames, e) for n, e in faces.items()}
 
     alice, bob = distances("alice"), distances("bob")
