@@ -271,7 +271,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.1)
         if condition():
             return True
         time.sleep(step)
-    return False
+    return condition()  # one last look: the deadline may have passed during a sleep
 
 
 def wait_for_http(url: str, timeout: float = 10.0) -> bytes:

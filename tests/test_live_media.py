@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from facecast.media.frame import AudioChunk, Frame
 from facecast.media.live_sink import StreamSink, _Connection, plan_output
 from facecast.media.live_source import AudioParams, StreamSource, free_udp_port, plan_input
 from facecast.media.mark import make_mark, read_video_mark
+from tests import live_helpers
 
 from .conftest import REPO
 from .media_helpers import CLIP, ffprobe, probe_streams
@@ -74,13 +75,8 @@ def publish_udp(procs: list, port: int, seconds: float) -> subprocess.Popen:
     return proc
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+# polls finely: several tests time how soon something happens
+wait_until = functools.partial(live_helpers.wait_until, step=0.02)
 
 
 class Collector:
