@@ -319,9 +319,16 @@ def open_stream(url: str, timeout: float = 10.0) -> Iterator[av.container.InputC
         container.close()
 
 
-def grab_frames(url: str, n: int, timeout: float = 10.0) -> list[np.ndarray]:
+def grab_frames(
+    url: str,
+    n: int,
+    timeout: float = 10.0,
+    keep: Callable[[np.ndarray], bool] | None = None,
+) -> list[np.ndarray]:
     """The first ``n`` decoded video frames of a live URL as BGR uint8 arrays.
 
+    With ``keep``, only frames it accepts count (e.g. frames that show a face: the test clip
+    has a two-second stretch with nobody in it, so a short grab can land there entirely).
     Opening is retried while nginx refuses the key (publisher not up yet, server restarting).
     Raises TimeoutError if ``n`` frames do not arrive within ``timeout`` seconds in all; a
     read stall fails within 5 s.
@@ -336,7 +343,9 @@ def grab_frames(url: str, n: int, timeout: float = 10.0) -> list[np.ndarray]:
                 stream = container.streams.video[0]
                 for packet in container.demux(stream):
                     for frame in packet.decode():
-                        frames.append(frame.to_ndarray(format="bgr24"))
+                        image = frame.to_ndarray(format="bgr24")
+                        if keep is None or keep(image):
+                            frames.append(image)
                         if len(frames) >= n:
                             return frames
                     if time.monotonic() > deadline:

@@ -68,15 +68,30 @@ def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[int | None,
     return code, time.monotonic() - start
 
 
-def face_distance_to_source(analyser, embedder, frames, source_embedding):
-    """Median identity distance of the largest faces in ``frames`` to the source photo."""
-    distances = []
+def grab_face_frames(url: str, analyser, n: int, timeout: float) -> list:
+    """``n`` frames of a live URL that show a face (the clip has a faceless stretch)."""
+    return grab_frames(url, n, timeout, keep=lambda image: bool(analyser.analyse(image)))
+
+
+def face_distances_to_sources(analyser, embedder, frames, sources: dict) -> dict:
+    """Per named source embedding, the median identity distance of the largest face in
+    ``frames`` to it."""
+    embeddings = []
     for image in frames:
         faces = analyser.analyse(image)
         if faces:
-            distances.append(face_distance(embedder.embed(image, faces[0]), source_embedding))
-    assert distances, "no face in any grabbed frame"
-    return sorted(distances)[len(distances) // 2]
+            embeddings.append(embedder.embed(image, faces[0]))
+    assert embeddings, "no face in any grabbed frame"
+    medians = {}
+    for name, source in sources.items():
+        distances = sorted(face_distance(e, source) for e in embeddings)
+        medians[name] = distances[len(distances) // 2]
+    return medians
+
+
+def face_distance_to_source(analyser, embedder, frames, source_embedding) -> float:
+    """Median identity distance of the largest faces in ``frames`` to the source photo."""
+    return face_distances_to_sources(analyser, embedder, frames, {"": source_embedding})[""]
 
 
 def test_rtmp_in_rtmp_out_swaps_faces_and_keeps_audio(
@@ -94,10 +109,10 @@ def test_rtmp_in_rtmp_out_swaps_faces_and_keeps_audio(
     source_photo = load("obama.jpg")
     source_embedding = embedder.embed(source_photo, analyser.analyse(source_photo)[0])
     before = face_distance_to_source(
-        analyser, embedder, grab_frames(live_in, 30, 20), source_embedding
+        analyser, embedder, grab_face_frames(live_in, analyser, 15, 30), source_embedding
     )
     after = face_distance_to_source(
-        analyser, embedder, grab_frames(swapped, 30, 20), source_embedding
+        analyser, embedder, grab_face_frames(swapped, analyser, 15, 30), source_embedding
     )
     print(f"median distance to the source face: input {before:.3f}, output {after:.3f}")
     assert after < before

@@ -16,10 +16,10 @@ from facecast.ingest import free_ports, port_accepts
 from facecast.media.image_io import read_image
 from facecast.service import Service, load_profiles
 from tests import live_helpers
-from tests.live_helpers import grab_frames, publish, wait_for_stream
+from tests.live_helpers import publish, wait_for_stream
 
 from .conftest import MEDIA, REPO
-from .test_live_stream import face_distance_to_source
+from .test_live_stream import face_distances_to_sources, grab_face_frames
 
 live_procs = live_helpers.live_procs
 
@@ -73,8 +73,8 @@ def test_two_keys_each_get_their_own_face_and_the_api_changes_only_one(
         wait_for_stream(service.ingest.rtmp_url("swapped", key), timeout=40)
 
     def distances(key: str) -> dict[str, float]:
-        frames = grab_frames(service.ingest.rtmp_url("swapped", key), 25, timeout=40)
-        return {n: face_distance_to_source(analyser, embedder, frames, e) for n, e in faces.items()}
+        frames = grab_face_frames(service.ingest.rtmp_url("swapped", key), analyser, 12, 40)
+        return face_distances_to_sources(analyser, embedder, frames, faces)
 
     alice, bob = distances("alice"), distances("bob")
     print("alice", alice, "bob", bob)
