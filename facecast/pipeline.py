@@ -131,8 +131,11 @@ class SwapEngine:
         self.source = self.source or self.references[0][1]
         return len(self.references) - 1
 
-    def process(self, image: np.ndarray, clock: StageClock | None = None) -> FrameResult:
-        """Swap the selected faces of ``image`` in place and label it."""
+    def process(
+        self, image: np.ndarray, clock: StageClock | None = None, seconds: float | None = None
+    ) -> FrameResult:
+        """Swap the selected faces of ``image`` in place and label it. ``seconds``: the
+        frame's timestamp, the time base of the smoothing (else frames count at ``fps``)."""
         if self.source is None:
             raise RuntimeError("load_source() or add_reference() first")
         clock = clock or StageClock()
@@ -141,13 +144,14 @@ class SwapEngine:
         faces = self.analyser.analyse(image, clock)
         if self.temporal is not None:
             with clock.stage("track"):
-                faces = self.temporal.settle(image, faces)
+                faces = self.temporal.settle(image, faces, seconds)
         self.last_faces = faces
         result = FrameResult(faces=len(faces))
         self.last_swaps = []
         for face, ref in self._chosen(image, faces, clock):
             source = self.source if ref is None else self.references[ref][1]
-            swapped = self.swapper.swap(image, face, source, clock)
+            colour = self.temporal.colour_settler(face) if self.temporal is not None else None
+            swapped = self.swapper.swap(image, face, source, clock, colour)
             result.swapped += swapped
             if swapped:
                 self.last_swaps.append((face, ref))
@@ -309,7 +313,7 @@ def swap_video_file(
                     if writer_errors:  # the output failed: stop now, not after the whole file
                         raise writer_errors[0]
                     if isinstance(item, Frame):
-                        stats.count(engine.process(item.image, clock))
+                        stats.count(engine.process(item.image, clock, item.seconds))
                         if progress:
                             progress(stats.frames, total)
                     to_encode.put(item)

@@ -80,7 +80,9 @@ def test_ids_survive_two_people_crossing(heads, embedder):
     assert sum(counts.values()) == 0
     assert seen[0]["obama.jpg"] == seen[-1]["obama.jpg"]
     assert seen[0]["biden.jpg"] == seen[-1]["biden.jpg"]
-    assert tracker.embeddings_taken < 30  # identity only where overlap could not decide
+    # identity only where overlap cannot decide, and then trusted for a few frames (taking
+    # it every frame of the overlap cost 12 here)
+    assert tracker.embeddings_taken <= 8
 
 
 def test_a_person_who_leaves_and_comes_back_keeps_their_id(heads, embedder):

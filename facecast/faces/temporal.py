@@ -1,12 +1,17 @@
-"""Face state across the frames of one video or stream: cuts, track ids, steady meshes.
+"""Face state across the frames of one video or stream: cuts, track ids, steady meshes
+and steady colour.
 
-``TemporalFaces`` wires ``SceneCutDetector``, ``FaceTracker`` and one ``OneEuroFilter``
-per track. The engine asks it at the start of each frame whether the shot changed (then the
-analyser forgets its followed meshes too), and hands it the frame's faces to be given track
-ids and smoothed meshes. Still images never go through it.
+``TemporalFaces`` wires ``SceneCutDetector``, ``FaceTracker`` and, per track, one
+``OneEuroFilter`` for the mesh and one for the colour statistics the swap matches. The
+engine asks it at the start of each frame whether the shot changed (then the analyser
+forgets its followed meshes too), and hands it the frame's faces to be given track ids and
+smoothed meshes. Still images never go through it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -17,14 +22,35 @@ from facecast.faces.track import Embed, FaceTracker
 from facecast.media.scene import SceneCutDetector
 
 
+def colour_filter() -> OneEuroFilter:
+    """For the skin colour statistics (8-bit LAB means and spreads). Real light changes
+    over seconds; what changes from one frame to the next is the skin sample shifting with
+    the mesh and the sensor noise, so rest is smoothed hard (0.5 Hz) and a sustained change
+    of ~50 levels/s opens the filter to ~1.5 Hz."""
+    return OneEuroFilter(min_cutoff=0.5, beta=0.02)
+
+
 class TemporalFaces:
-    def __init__(self, fps: float = 30.0, embed: Embed | None = None, smooth: bool = True):
+    """``fps`` is the time base for frames without a timestamp. ``smooth`` / ``smooth_colour``
+    switch the mesh and colour filters (both on; off only to measure what they do)."""
+
+    def __init__(
+        self,
+        fps: float = 30.0,
+        embed: Embed | None = None,
+        smooth: bool = True,
+        smooth_colour: bool = True,
+    ):
         self.fps = fps
         self.scene = SceneCutDetector()
         self.tracker = FaceTracker(embed=embed)
         self.smooth = smooth
+        self.smooth_colour = smooth_colour
         self.filters: dict[int, OneEuroFilter] = {}
+        self.colour_filters: dict[int, OneEuroFilter] = {}
         self.frames = 0
+        self.time = 0.0  # of the frame being settled, seconds
+        self._time_offset = 0.0  # added to frame timestamps, see _frame_time()
         self.cuts = 0
         self.embed = embed
         # track id -> x where it was first seen: index:N counts people in that order
@@ -40,27 +66,59 @@ class TemporalFaces:
             self.cuts += 1
             self.tracker.reset()
             self.filters.clear()
+            self.colour_filters.clear()
             self.first_x.clear()
             self.identities.clear()
             self._identity_checks.clear()
         return cut
 
-    def settle(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
-        """Track ids for ``faces`` and, per track, a smoothed mesh."""
-        t = self.frames / self.fps
+    def settle(
+        self, image: np.ndarray, faces: list[Face], seconds: float | None = None
+    ) -> list[Face]:
+        """Track ids for ``faces`` (set on them) and, per track, a copy with a smoothed mesh
+        for the swap. The originals keep the raw mesh: the analyser follows them to the next
+        frame, and following a lagging mesh would lag more. ``seconds`` is the frame's
+        timestamp; live frames are dropped under load, so counting frames would misjudge
+        speed (and so the filter's cut-off)."""
+        self.time = self._frame_time(seconds)
         self.frames += 1
         self.tracker.update(image, faces)
+        settled = []
         for face in faces:
             assert face.track_id is not None
             self.first_x.setdefault(face.track_id, float(face.center[0]))
             if self.smooth and face.mesh is not None:
                 smoother = self.filters.setdefault(face.track_id, OneEuroFilter())
-                face.mesh = smoother(face.mesh, t).astype(face.mesh.dtype)
+                face = replace(face, mesh=smoother(face.mesh, self.time).astype(face.mesh.dtype))
+            settled.append(face)
         known = {track.id for track in self.tracker.tracks}
         self.filters = {k: f for k, f in self.filters.items() if k in known}
+        self.colour_filters = {k: f for k, f in self.colour_filters.items() if k in known}
         self.identities = {k: v for k, v in self.identities.items() if k in known}
         self.first_x = {k: v for k, v in self.first_x.items() if k in known}
-        return faces
+        return settled
+
+    def _frame_time(self, seconds: float | None) -> float:
+        """A steady clock for the filters from the frames' timestamps. A live input that
+        reconnects may start its timestamps again (or jump ahead): a step back or a gap of
+        over a second continues one frame after the last time instead."""
+        step = 1.0 / self.fps
+        if seconds is None:
+            return self.time + step if self.frames else 0.0
+        if self.frames:
+            t = seconds + self._time_offset
+            if not 0 < t - self.time <= 1.0:
+                self._time_offset = self.time + step - seconds
+        else:
+            self._time_offset = 0.0
+        return seconds + self._time_offset
+
+    def colour_settler(self, face: Face) -> Callable[[np.ndarray], np.ndarray] | None:
+        """For the swap of ``face`` this frame: smooths its track's colour statistics."""
+        if not self.smooth_colour or face.track_id is None:
+            return None
+        smoother = self.colour_filters.setdefault(face.track_id, colour_filter())
+        return lambda stats: smoother(stats, self.time)
 
     def order(self, face: Face) -> float:
         """Rank for ``index:N``: where the face's track was first seen (left to right)."""

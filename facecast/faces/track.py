@@ -4,7 +4,9 @@ Continuity comes from box overlap (IoU) with where each track was last seen: che
 right whenever people do not overlap. The dlib embedding (~100 ms a face on a CPU) is taken
 only when overlap cannot decide:
 - a face that matches no track: a new person, or someone coming back;
-- a face that overlaps several tracks: people crossing.
+- a face that overlaps several tracks: people crossing. That decision is then trusted for
+  ``settle_frames`` frames: in between, each track simply follows the box it was given, which
+  moves little from one frame to the next.
 A lost track keeps its embedding for ``max_lost_frames``, so a person who leaves and comes
 back gets the id they had.
 """
@@ -57,22 +59,29 @@ class FaceTracker:
         max_lost_frames: int = 300,
         rechecks: int = 6,
         recheck_every: int = 2,
+        settle_frames: int = 4,
     ) -> None:
         self.embed = embed
         self.iou_min = iou_min
         self.reid_distance = reid_distance
         self.max_lost_frames = max_lost_frames
         self.rechecks, self.recheck_every = rechecks, recheck_every
+        self.settle_frames = settle_frames
         self.tracks: list[Track] = []
         self.embeddings_taken = 0
         self._next_id = 0
+        self._frame = 0
+        # the tracks a face overlapped -> the frame their identities last settled who is who
+        self._settled: dict[frozenset[int], int] = {}
 
     def reset(self) -> None:
         """Forget every track (a scene cut: nobody on screen now is where anyone was)."""
         self.tracks = []
+        self._settled = {}
 
     def update(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
         """Give each face of this frame a ``track_id``; returns ``faces``."""
+        self._frame += 1
         overlaps = np.array(
             [[iou(f.box, t.box) for t in self.tracks] for f in faces], dtype=np.float64
         ).reshape(len(faces), len(self.tracks))
@@ -82,14 +91,23 @@ class FaceTracker:
         for fi, face in enumerate(faces):
             candidates = [ti for ti in range(len(self.tracks)) if overlaps[fi, ti] >= self.iou_min]
             if len(candidates) > 1 and self.embed is not None:
+                among = frozenset(self.tracks[ti].id for ti in candidates)
+                if self._frame - self._settled.get(among, -self.settle_frames) < self.settle_frames:
+                    continue  # settled a moment ago: continuity below keeps it
+                self._settled[among] = self._frame
                 best = self._closest(image, face, [self.tracks[ti] for ti in candidates])
                 if best is not None and best.id not in used:
                     assigned[fi] = best
                     used.add(best.id)
-        # Then plain continuity: the largest overlaps first.
+        # Then plain continuity: tracks seen in the last frame first (a lost track's box is
+        # where someone was before they were hidden, often right where the person in front
+        # of them is now), then the largest overlaps.
         close = np.argwhere(overlaps >= self.iou_min)
-        pairs = sorted(((overlaps[fi, ti], fi, ti) for fi, ti in close), reverse=True)
-        for _, fi, ti in pairs:
+        pairs = sorted(
+            ((self.tracks[ti].misses == 0, overlaps[fi, ti], fi, ti) for fi, ti in close),
+            reverse=True,
+        )
+        for _, _, fi, ti in pairs:
             track = self.tracks[ti]
             if fi in assigned or track.id in used:
                 continue
@@ -122,6 +140,8 @@ class FaceTracker:
             if track.id not in used:
                 track.misses += 1
         self.tracks = [t for t in self.tracks if t.misses <= self.max_lost_frames]
+        stale = self._frame - self.settle_frames
+        self._settled = {k: f for k, f in self._settled.items() if f > stale}
         return faces
 
     def _recheck(self, image: np.ndarray, face: Face, track: Track, used: set[int]) -> Track:

@@ -6,6 +6,7 @@ with the face, not the resolution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import cv2
@@ -54,11 +55,19 @@ def masked_blur(channel: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarr
 
 
 def transfer_colour(
-    source: np.ndarray, target: np.ndarray, skin: np.ndarray, shading_sigma: float = 0.0
+    source: np.ndarray,
+    target: np.ndarray,
+    skin: np.ndarray,
+    shading_sigma: float = 0.0,
+    settle_stats: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Recolour ``source`` (BGR uint8) to ``target``'s skin: LAB mean and spread matched on
     the skin mask, then, if ``shading_sigma`` > 0, the target's low-frequency lighting carried
     over on L so directional light falls on the new face as it did on the old one.
+
+    ``settle_stats`` (video) maps this frame's statistics, ``[mean_s, sd_s, mean_t, sd_t]``
+    (12 values), to the ones to use: a per-face temporal filter, so the colour does not
+    flicker as the skin sample shifts from frame to frame.
 
     8-bit LAB (OpenCV's table-driven conversion) is several times faster than float LAB, and
     the matching is scale-free, so nothing is lost that the eye could see."""
@@ -67,10 +76,12 @@ def transfer_colour(
         return source
     src = cv2.cvtColor(source, cv2.COLOR_BGR2LAB)
     tgt = cv2.cvtColor(target, cv2.COLOR_BGR2LAB)
-    mu_s, sd_s = cv2.meanStdDev(src, mask=skin_u8)
-    mu_t, sd_t = cv2.meanStdDev(tgt, mask=skin_u8)
-    gain = np.clip(sd_t.ravel() / np.maximum(sd_s.ravel(), 1e-3), 0.5, 2.0)
-    offset = mu_t.ravel() - mu_s.ravel() * gain
+    stats = np.concatenate([*cv2.meanStdDev(src, mask=skin_u8), *cv2.meanStdDev(tgt, mask=skin_u8)])
+    if settle_stats is not None:
+        stats = settle_stats(stats.ravel())
+    mu_s, sd_s, mu_t, sd_t = np.asarray(stats, np.float64).reshape(4, 3)
+    gain = np.clip(sd_t / np.maximum(sd_s, 1e-3), 0.5, 2.0)
+    offset = mu_t - mu_s * gain
     out = src.astype(np.float32) * gain.astype(np.float32) + offset.astype(np.float32)
     if shading_sigma > 0:
         weight = skin.astype(np.float32)

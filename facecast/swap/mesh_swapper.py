@@ -12,6 +12,7 @@ Per target face (every frame):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -146,10 +147,16 @@ class MeshSwapper:
         return np.maximum(skin, features.astype(np.float32) / 255.0)
 
     def swap(
-        self, frame: np.ndarray, target: Face, source: SourceFace, clock: StageClock | None = None
+        self,
+        frame: np.ndarray,
+        target: Face,
+        source: SourceFace,
+        clock: StageClock | None = None,
+        settle_colour: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> bool:
         """Replace ``target`` in ``frame`` (BGR, modified in place) with ``source``.
-        Returns False when the face is too small or off-frame to swap."""
+        Returns False when the face is too small or off-frame to swap. ``settle_colour``:
+        the face's temporal colour filter (see ``blend.transfer_colour``)."""
         clock = clock or StageClock()
         topo, opts = self.topology, self.options
         if target.mesh is None:
@@ -216,7 +223,11 @@ class MeshSwapper:
             )
             skin = blend.feathered(oval, 0.06 * face_width) * (not_skin < 128)
             coloured = blend.transfer_colour(
-                face_px, background, skin, shading_sigma=opts.shading * face_width
+                face_px,
+                background,
+                skin,
+                shading_sigma=opts.shading * face_width,
+                settle_stats=settle_colour,
             )
             if opts.blend == "poisson":
                 out = blend.poisson_blend(coloured, background, alpha)
