@@ -55,11 +55,13 @@ def _progress() -> Progress:
 
 def parse_references(texts: list[str], source: Path) -> tuple[tuple[Path, Path], ...]:
     """``PHOTO`` (swap that person with the source face) or ``PHOTO=FACE`` (with FACE)."""
-    pairs = []
-    for text in texts:
-        reference, _, face = text.partition("=")
-        pairs.append((Path(reference), Path(face) if face else source))
-    return tuple(pairs)
+    from facecast.config import parse_reference
+
+    try:
+        pairs = [parse_reference(text) for text in texts]
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    return tuple((photo, face or source) for photo, face in pairs)
 
 
 def run_swap(
@@ -168,6 +170,13 @@ def stream(
         ),
     ] = None,
     faces: Annotated[str | None, typer.Option(help="all, largest or index:N.")] = None,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Swap only this person: PHOTO (gets the source face) or PHOTO=FACE. "
+            "Repeat for more people [env FACECAST_REFERENCES, a JSON list]."
+        ),
+    ] = None,
     blend: Annotated[str | None, typer.Option(help="feather or poisson.")] = None,
     label: Annotated[bool | None, typer.Option("--label/--no-label")] = None,
     realtime: Annotated[
@@ -189,6 +198,7 @@ def stream(
         "input": input_url,
         "output": output_url,
         "faces": faces,
+        "references": reference,
         "blend": blend,
         "label": label,
         "realtime": realtime,

@@ -13,6 +13,20 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+Reference = tuple[Path, Path | None]
+
+
+def parse_reference(value: str | Reference | list) -> Reference:
+    """``PHOTO`` (swap the person in PHOTO with the source face) or ``PHOTO=FACE`` (with the
+    face in FACE). Already-parsed pairs pass through."""
+    if not isinstance(value, str):
+        photo, face = value
+        return Path(photo), Path(face) if face else None
+    photo, _, face = value.partition("=")
+    if not photo.strip():
+        raise ValueError(f"reference {value!r}: use PHOTO or PHOTO=FACE")
+    return Path(photo), Path(face) if face else None
+
 
 def parse_bitrate(value: str | int | None) -> int | None:
     """``2500000``, ``2500k`` or ``2.5M`` → bits per second."""
@@ -39,6 +53,9 @@ class StreamSettings(BaseSettings):
         None, validation_alias=AliasChoices("FACECAST_OUTPUT", "OUTPUT_STREAM")
     )
     faces: str = "all"
+    # swap only these people (reference mode), each with the source face or their own;
+    # FACECAST_REFERENCES takes a JSON list: '["alice.jpg", "bob.jpg=face-b.jpg"]'
+    references: list[Reference] = []
     blend: str = "feather"
     label: bool = True
     realtime: bool = False  # pace a file input at its own frame rate
@@ -48,6 +65,11 @@ class StreamSettings(BaseSettings):
     bitrate: int | None = None  # bits per second; default from the frame size
     stall_timeout: float = 5.0  # no input frame for this long: reconnect
     status_interval: float = 10.0  # seconds between status log lines
+
+    @field_validator("references", mode="before")
+    @classmethod
+    def _references(cls, value: list | None) -> list[Reference]:
+        return [parse_reference(item) for item in value or []]
 
     @field_validator("bitrate", mode="before")
     @classmethod

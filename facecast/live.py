@@ -262,7 +262,10 @@ class LivePipeline:
             start = time.perf_counter()
             if self.swapping:
                 try:
-                    result = self.engine.process(frame.image, clock)
+                    seconds = frame.seconds
+                    result = self.engine.process(
+                        frame.image, clock, frame.t_ingest if seconds is None else seconds
+                    )
                     self.stats.faces_last = result.faces
                     self.stats.faces_swapped += result.swapped
                     if result.swapped:
@@ -377,14 +380,16 @@ def build_pipeline(
         swap=SwapOptions(blend=settings.blend),  # type: ignore[arg-type]
         label=settings.label,
         detect_every=settings.detect_every,
-        # temporal=True (cut reset, track ids, steady meshes) waits until its effect on live
-        # latency and on swaps under overload is measured: see the issue 5 note.
+        temporal=True,  # cuts reset, track ids (index:N, references), steady mesh and colour
     )
     engine = SwapEngine(options)
     source_name = str(settings.source_image or "uploaded face")
     if source_image is None:
         source_image = read_image(settings.source_image)  # type: ignore[arg-type]
     engine.load_source(source_image, name=source_name)
+    for photo, face in settings.references:
+        face_image = source_image if face is None else read_image(face)
+        engine.add_reference(read_image(photo), face_image, name=str(photo))
     source = StreamSource(
         settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from facecast.faces.select import Selection
@@ -87,36 +88,42 @@ def test_two_references_each_get_their_own_face(heads, photos):
     assert mismatched <= 2  # at most the first frame after a re-entry
 
 
-def test_swap_with_a_reference_changes_only_that_person(tmp_path):
-    """`facecast swap --reference`: in a two-people video only Obama (left) changes."""
+def changed_sides(clip, out) -> tuple[float, float]:
+    """Share of pixels that changed (by more than re-encoding does) in the left and right
+    halves of a 480-wide video, averaged over its frames."""
     import av
-    import numpy as np
-
-    from .media_helpers import make_two_people_video
-    from .test_cli import facecast
-
-    clip = make_two_people_video(tmp_path / "two.mp4", size=(480, 270), frames=20, audio=False)
-    out = tmp_path / "out.mp4"
-    done = facecast(
-        "swap", "-s", MEDIA / "alex-lacamoire.png", "-t", clip, "-o", out,
-        "--reference", MEDIA / "obama-720p.jpg", "--no-label", timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
 
     def frames(path):
         with av.open(str(path)) as container:
             return [f.to_ndarray(format="bgr24").astype(np.int16) for f in container.decode(0)]
 
     def changed(a, b) -> float:
-        """Share of pixels that changed by more than re-encoding does."""
         return float(np.mean(np.abs(a - b).max(axis=2) > 30))
 
     before, after = frames(clip), frames(out)
     assert len(before) == len(after) == 20
     pairs = list(zip(before, after, strict=True))
-    left = np.mean([changed(a[:, :240], b[:, :240]) for a, b in pairs])
-    right = np.mean([changed(a[:, 240:], b[:, 240:]) for a, b in pairs])
+    left = float(np.mean([changed(a[:, :240], b[:, :240]) for a, b in pairs]))
+    right = float(np.mean([changed(a[:, 240:], b[:, 240:]) for a, b in pairs]))
     print(f"pixels changed: left (Obama) {left:.1%}, right (Biden) {right:.1%}")
+    return left, right
+
+
+@pytest.mark.parametrize("command", ["swap", "stream"])
+def test_a_reference_on_the_command_line_changes_only_that_person(tmp_path, command):
+    """`facecast swap|stream --reference`: in a two-people video only Obama (left) changes."""
+    from .media_helpers import make_two_people_video
+    from .test_cli import facecast
+
+    clip = make_two_people_video(tmp_path / "two.mp4", size=(480, 270), frames=20, audio=False)
+    out = tmp_path / "out.mp4"
+    target = "-t" if command == "swap" else "-i"
+    done = facecast(
+        command, "-s", MEDIA / "alex-lacamoire.png", target, clip, "-o", out,
+        "--reference", MEDIA / "obama-720p.jpg", "--no-label", timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    left, right = changed_sides(clip, out)
     assert left > 0.01 and right < 0.002  # swapping both would change ~2 % on the right
 
 
