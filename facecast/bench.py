@@ -39,6 +39,10 @@ def scaled_copy(clip: Path, width: int, height: int, folder: Path) -> Path:
         str(clip),
         "-vf",
         f"scale={width}:{height}",
+        # keep the clip's frames as they are: by default ffmpeg pads a video that starts
+        # after its audio with copies of the first frame (25 more on the sample clip)
+        "-fps_mode",
+        "passthrough",
         "-c:v",
         "libx264",
         "-preset",
