@@ -388,7 +388,7 @@ def build_pipeline(
         source_image = read_image(settings.source_image)  # type: ignore[arg-type]
     engine.load_source(source_image, name=source_name)
     for photo, face in settings.references:
-        face_image = source_image if face is None else read_image(face)
+        face_image = None if face is None else read_image(face)  # None: the stream's face
         engine.add_reference(read_image(photo), face_image, name=str(photo))
     source = StreamSource(
         settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout

@@ -93,7 +93,7 @@ class SwapEngine:
         self.temporal = TemporalFaces(self.options.fps) if self.options.temporal else None
         self.last_faces: list[Face] = []
         # reference mode: (the person to swap, the face they get), see add_reference()
-        self.references: list[tuple[np.ndarray, SourceFace]] = []
+        self.references: list[tuple[np.ndarray, SourceFace | None]] = []
         self.last_swaps: list[tuple[Face, int | None]] = []  # (face, reference index)
         self._embedder: FaceEmbedder | None = None  # loaded with the first reference
 
@@ -110,25 +110,31 @@ class SwapEngine:
         return self.source
 
     def add_reference(
-        self, reference: np.ndarray, source: np.ndarray, name: str = "reference photo"
+        self, reference: np.ndarray, source: np.ndarray | None = None, name: str = "reference photo"
     ) -> int:
         """From now on only the person in ``reference`` is swapped, with the face in
-        ``source``; call again for more people (person A -> face X, person B -> face Y).
-        Faces that match no reference are left untouched. Video and live only: identity
-        is decided per track."""
+        ``source`` (None: the engine's source face, also after ``load_source`` changes it);
+        call again for more people (person A -> face X, person B -> face Y). Faces that
+        match no reference are left untouched. Video and live only: identity is decided
+        per track."""
         faces = FaceAnalyser(tiles=True).analyse(reference)
         if not faces:
             raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
         if self._embedder is None:
             self._embedder = FaceEmbedder()
         embedding = self._embedder.embed(reference, faces[0])
-        source_faces = FaceAnalyser(tiles=True).analyse(source)
-        if not source_faces:
-            raise NoFaceError(f"no face found in the source for {name}")
-        self.references.append((embedding, self.swapper.prepare(source, source_faces[0])))
+        own_face = None
+        if source is not None:
+            source_faces = FaceAnalyser(tiles=True).analyse(source)
+            if not source_faces:
+                raise NoFaceError(f"no face found in the source for {name}")
+            own_face = self.swapper.prepare(source, source_faces[0])
+        elif self.source is None:
+            raise RuntimeError("load_source() before a reference without its own face")
+        self.references.append((embedding, own_face))
         if self.temporal is None or self.temporal.embed is None:
             self.temporal = TemporalFaces(self.options.fps, embed=self._embedder.embed)
-        self.source = self.source or self.references[0][1]
+        self.source = self.source or own_face
         return len(self.references) - 1
 
     def process(
@@ -149,7 +155,8 @@ class SwapEngine:
         result = FrameResult(faces=len(faces))
         self.last_swaps = []
         for face, ref in self._chosen(image, faces, clock):
-            source = self.source if ref is None else self.references[ref][1]
+            own_face = None if ref is None else self.references[ref][1]
+            source = own_face or self.source
             colour = self.temporal.colour_settler(face) if self.temporal is not None else None
             swapped = self.swapper.swap(image, face, source, clock, colour)
             result.swapped += swapped

@@ -123,7 +123,12 @@ def bearer_guard(token: str | None) -> list[Any]:
 
 async def read_image_upload(request: Request, limit: int, name: str) -> np.ndarray:
     """The request body as an image, or the HTTP error that says what is wrong with it."""
-    data = await _read_limited(request, limit)
+    return decode_upload(await read_limited(request, limit), name)
+
+
+def decode_upload(data: bytes, name: str) -> np.ndarray:
+    """Uploaded bytes as an image: 415 when they are not a JPEG or PNG, 422 when they are
+    one that cannot be used (corrupt, too many pixels)."""
     try:
         return decode_image_bytes(data, name)
     except UnsupportedImageError as exc:
@@ -132,7 +137,7 @@ async def read_image_upload(request: Request, limit: int, name: str) -> np.ndarr
         raise HTTPException(422, str(exc)) from None
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refusing (413) anything over ``limit`` bytes: by its declared length when
     there is one, else by counting as it arrives, so an oversize upload is never held whole."""
     declared = request.headers.get("content-length")

@@ -141,3 +141,32 @@ def test_index_selection_stays_with_the_person_when_people_cross(heads):
             wrong += sum(1 for person, _ in done if person != "obama.jpg")
             missed += ("obama.jpg", None) not in done
     assert wrong == 0 and missed == 0, (wrong, missed)
+
+
+def test_a_reference_without_its_own_face_follows_a_new_source_face(heads, photos):
+    """A live stream's face can be replaced while it runs (POST .../source); the people
+    picked by reference photos then get the new face, not a copy of the old one."""
+    frame = scene(heads, {"obama.jpg": 0.3, "biden.jpg": 0.75})
+
+    def swapped(engine: SwapEngine) -> np.ndarray:
+        image = frame.copy()
+        engine.process(image)
+        assert [ref for _, ref in engine.last_swaps] == [0]  # Obama, by his reference
+        return image.astype(np.int16)
+
+    running = SwapEngine(EngineOptions(label=False))
+    running.load_source(photos["alex-lacamoire.png"])
+    running.add_reference(photos["obama-720p.jpg"], name="obama")
+    before = swapped(running)
+    running.load_source(photos["lin-manuel-miranda.png"])
+    after = swapped(running)
+
+    fresh = SwapEngine(EngineOptions(label=False))
+    fresh.load_source(photos["lin-manuel-miranda.png"])
+    fresh.add_reference(photos["obama-720p.jpg"], name="obama")
+    expected = swapped(fresh)
+    changed = float(np.mean(np.abs(after - before).max(axis=2) > 30))
+    off = float(np.mean(np.abs(after - expected).max(axis=2) > 30))
+    print(f"pixels changed with the new face {changed:.2%}; unlike a fresh engine {off:.2%}")
+    assert changed > 0.004  # the face changed (it covers ~3 % of the frame)...
+    assert off < changed / 10  # ...to the new one

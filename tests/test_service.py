@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import cv2
 import httpx
+import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from facecast.errors import FacecastError
 from facecast.ingest import free_ports, port_accepts
+from facecast.live import build_pipeline
 from facecast.media.image_io import read_image
+from facecast.server import MAX_UPLOAD_BYTES
 from facecast.service import Service, load_profiles
 from tests import live_helpers
 from tests.live_helpers import publish, wait_for_stream
@@ -173,3 +180,200 @@ def test_serve_as_a_process_stops_everything_on_sigterm(tmp_path, live_procs):
     assert code == 0, log_path.read_text()[-3000:]
     assert not port_accepts(rtmp_port) and not port_accepts(http_port)  # nginx and HTTP gone
     assert "Traceback" not in log_path.read_text()
+
+
+# ---------------------------------------------------------------------------- references
+# Reference mode in profiles: from the YAML file and through the API. The API is driven
+# through the ASGI app of a Service that is never started (no nginx, no HTTP server).
+
+
+def test_profiles_file_references_in_both_forms_relative_to_the_file(tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for name in ("obama.jpg", "biden.jpg", "lin-manuel-miranda.png", "alex-lacamoire.png"):
+        shutil.copy(MEDIA / name, faces / name)
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        "cam1:\n"
+        "  source: faces/obama.jpg\n"
+        "  references:\n"
+        "    - faces/lin-manuel-miranda.png\n"
+        "    - photo: faces/alex-lacamoire.png\n"
+        "      face: faces/biden.jpg\n"
+        "    - photo: faces/biden.jpg\n"
+        f"cam2:\n  source: {MEDIA / 'obama.jpg'}\n  references: []\n"
+        f"cam3:\n  source: {MEDIA / 'obama.jpg'}\n"
+    )
+    profiles = load_profiles(path)
+    assert profiles["cam1"].references == (
+        (faces / "lin-manuel-miranda.png", None),
+        (faces / "alex-lacamoire.png", faces / "biden.jpg"),
+        (faces / "biden.jpg", None),
+    )
+    assert profiles["cam2"].references == profiles["cam3"].references == ()
+
+
+@pytest.mark.parametrize(
+    ("references", "error"),
+    [
+        ("lin.png", "references must be a list"),
+        ("[42]", r"references\[0\]: expected PHOTO or"),
+        ("[{face: lin.png}]", r"references\[0\]: needs `photo: PHOTO`"),
+        ("[{photo: lin.png, source: obama.jpg}]", r"references\[0\]: unknown fields source"),
+        ("[{photo: 12}]", r"references\[0\]: photo must be a photo's path"),
+        ("[{photo: lin.png, face: [a]}]", r"references\[0\]: face must be"),
+        ("[lin.png, missing.jpg]", r"references\[1\]: photo \S*missing.jpg not found"),
+        ("[{photo: lin.png, face: gone.jpg}]", r"references\[0\]: face \S*gone.jpg not found"),
+    ],
+)
+def test_profiles_file_reference_errors_name_the_file_key_and_item(tmp_path, references, error):
+    shutil.copy(MEDIA / "lin-manuel-miranda.png", tmp_path / "lin.png")
+    path = tmp_path / "profiles.yaml"
+    path.write_text(f"cam1:\n  source: {MEDIA / 'obama.jpg'}\n  references: {references}\n")
+    with pytest.raises(FacecastError, match=error) as caught:
+        load_profiles(path)
+    assert str(caught.value).startswith(f"{path}: profile 'cam1': ")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png(image) -> bytes:
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture
+def api(tmp_path):
+    """A Service never started, with its app under a test client: alice has no references,
+    bob one from the YAML file."""
+    http_port, rtmp_port, hls_port = free_ports(3)
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        f"alice:\n  source: {MEDIA / 'obama.jpg'}\n"
+        f"bob:\n  source: {MEDIA / 'biden.jpg'}\n"
+        f"  references: [{MEDIA / 'lin-manuel-miranda.png'}]\n"
+    )
+    svc = Service(
+        load_profiles(path),
+        token=TOKEN,
+        http_port=http_port,
+        rtmp_port=rtmp_port,
+        hls_port=hls_port,
+        prefix=tmp_path / "ingest",
+    )
+    yield svc, TestClient(svc.app)
+    svc.stop()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_references_are_added_listed_and_cleared_through_the_api(api):
+    svc, client = api
+    url = "/api/profiles/alice/references"
+    photo = b64((MEDIA / "lin-manuel-miranda.png").read_bytes())
+    face = b64((MEDIA / "alex-lacamoire.png").read_bytes())
+
+    assert client.post(url, json={"photo": photo}).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.post(url, json={"photo": photo}, headers=wrong).status_code == 401
+    assert client.delete(url).status_code == 401
+    missing = "/api/profiles/mallory/references"
+    assert client.post(missing, json={"photo": photo}, headers=AUTH).status_code == 404
+    assert client.delete(missing, headers=AUTH).status_code == 404
+
+    first = client.post(url, json={"photo": photo}, headers=AUTH)
+    assert first.status_code == 200, first.text
+    assert [r["face"] for r in first.json()["references"]] == [None]
+    second = client.post(url, json={"photo": photo, "face": face}, headers=AUTH)
+    assert second.status_code == 200, second.text
+    listed = client.get("/api/profiles").json()
+    assert listed["alice"]["references"] == second.json()["references"]
+    assert len(listed["alice"]["references"]) == 2
+    assert listed["bob"]["references"] == [{"photo": "lin-manuel-miranda.png", "face": None}]
+    (photo_1, none), (photo_2, face_2) = svc.profiles["alice"].references
+    assert none is None
+    lin, alex = (read_image(MEDIA / n) for n in ("lin-manuel-miranda.png", "alex-lacamoire.png"))
+    for stored, original in ((photo_1, lin), (photo_2, lin), (face_2, alex)):
+        assert stored.parent == svc._uploads and stored.suffix == ".png"  # named by us
+        assert np.array_equal(read_image(stored), original)
+    assert svc.settings_for("alice").references == [(photo_1, None), (photo_2, face_2)]
+
+    # a new face for the key keeps its references; clearing them leaves the face
+    reply = client.put(
+        "/api/profiles/alice", content=(MEDIA / "biden.jpg").read_bytes(), headers=AUTH
+    )
+    assert reply.status_code == 200, reply.text
+    assert len(svc.profiles["alice"].references) == 2
+    cleared = client.delete(url, headers=AUTH)
+    assert cleared.status_code == 200, cleared.text
+    assert client.get("/api/profiles").json()["alice"]["references"] == []
+    assert svc.settings_for("alice").references == []
+    assert svc.profiles["bob"].references == ((MEDIA / "lin-manuel-miranda.png", None),)
+
+
+def test_reference_uploads_are_checked_and_nothing_bad_is_kept(api, analyser):
+    svc, client = api
+    url = "/api/profiles/alice/references"
+    photo = b64((MEDIA / "lin-manuel-miranda.png").read_bytes())
+    # a real photo region with no face in it: the card table below the players
+    table = read_image(MEDIA / "group_t1.jpg")[600:, :400]
+    assert analyser.analyse(table) == []
+    faceless = b64(png(table))
+
+    def post(body=None, **kwargs):
+        return client.post(url, json=body, headers=AUTH, **kwargs)
+
+    reply = post({"photo": faceless})
+    assert reply.status_code == 422 and "reference photo" in reply.json()["detail"], reply.text
+    assert "no face" in reply.json()["detail"]
+    reply = post({"photo": photo, "face": faceless})
+    assert reply.status_code == 422 and "reference face" in reply.json()["detail"], reply.text
+
+    assert post({"photo": "not base64!"}).status_code == 422
+    assert post({"photo": photo, "face": 7}).status_code == 422
+    assert post({"face": photo}).status_code == 422
+    assert post({"photo": photo, "colour": "red"}).status_code == 422
+    assert post([photo]).status_code == 422
+    assert post(content=b"\x89PNG not json").status_code == 422
+    assert post({"photo": b64(b"plain text, no image")}).status_code == 415
+    corrupt = (MEDIA / "obama.jpg").read_bytes()[:2000]  # a JPEG header, then nothing
+    assert post({"photo": b64(corrupt)}).status_code in (415, 422)
+
+    big = (MEDIA / "obama.jpg").read_bytes()
+    big += b"\0" * (MAX_UPLOAD_BYTES + 1 - len(big))
+    reply = post({"photo": photo, "face": b64(big)})
+    assert reply.status_code == 413 and "face" in reply.json()["detail"], reply.text
+    huge = post(content=b"x" * (3 * MAX_UPLOAD_BYTES + 1))  # refused by its length
+    assert huge.status_code == 413
+
+    # a data: URL, as a browser's FileReader gives it, with line breaks, is accepted
+    wrapped = "\n".join(photo[i : i + 76] for i in range(0, len(photo), 76))
+    reply = post({"photo": f"data:image/png;base64,{wrapped}"})
+    assert reply.status_code == 200, reply.text
+    assert len(svc.profiles["alice"].references) == 1
+    assert len(list(svc._uploads.iterdir())) == 1  # refused uploads were never stored
+
+
+def test_profile_references_reach_the_stream_pipeline(api):
+    """YAML and API references end up in the key's StreamSettings and in its engine, one
+    reference each; building the pipeline does not connect to the (unstarted) ingest."""
+    svc, client = api
+    body = {
+        "photo": b64((MEDIA / "alex-lacamoire.png").read_bytes()),
+        "face": b64((MEDIA / "obama.jpg").read_bytes()),
+    }
+    reply = client.post("/api/profiles/bob/references", json=body, headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    settings = svc.settings_for("bob")
+    assert settings.references[0] == (MEDIA / "lin-manuel-miranda.png", None)
+    assert len(settings.references) == 2
+    assert settings.input == svc.ingest.rtmp_url("live", "bob")
+
+    pipeline = build_pipeline(settings, name="bob")
+    assert len(pipeline.engine.references) == 2
+    assert not pipeline.source.connected and pipeline.sink is None
+    assert not port_accepts(svc.ingest.rtmp_port)  # nothing was started to connect to
