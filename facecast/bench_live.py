@@ -39,14 +39,15 @@ from rich.console import Console
 from rich.table import Table
 
 from facecast.bench import machine, scaled_copy, update_docs, write_results
+from facecast.config import StreamSettings
 from facecast.errors import MediaError
 from facecast.ingest import free_port
-from facecast.live import LivePipeline
+from facecast.live import LivePipeline, engine_options
 from facecast.media.frame import AudioChunk, Frame
 from facecast.media.image_io import read_image
 from facecast.media.live_sink import StreamSink
 from facecast.media.live_source import StreamSource
-from facecast.pipeline import EngineOptions, SwapEngine
+from facecast.pipeline import SwapEngine
 from facecast.probe import LatencyProbe
 from facecast.timing import StageClock
 
@@ -81,7 +82,8 @@ class Window:
 
 
 def _engine(face: Path) -> SwapEngine:
-    engine = SwapEngine(EngineOptions())
+    """Configured as `facecast stream` configures it by default."""
+    engine = SwapEngine(engine_options(StreamSettings()))
     engine.load_source(read_image(face), name=face.name)
     return engine
 

@@ -27,7 +27,7 @@ import numpy as np
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError
 from facecast.media.frame import AudioChunk, Frame
-from facecast.pipeline import SwapEngine
+from facecast.pipeline import EngineOptions, SwapEngine
 from facecast.slots import Closed, DropOldestQueue, LatestSlot
 from facecast.timing import Histogram, StageClock
 
@@ -357,31 +357,37 @@ class LivePipeline:
         sink.set_rate(fps, bitrate)
 
 
-def build_pipeline(
-    settings: StreamSettings, source_image: np.ndarray | None = None, name: str | None = None
-) -> LivePipeline:
-    """A ready-to-run pipeline for ``settings``: engine with the source face loaded (from
-    ``source_image`` if given, else ``settings.source_image``), input and output."""
+def engine_options(settings: StreamSettings) -> EngineOptions:
+    """What a live stream's engine does, from its settings (the bench uses it too)."""
     from facecast.faces.select import Selection
-    from facecast.media.image_io import read_image
-    from facecast.media.live_sink import StreamSink
-    from facecast.media.live_source import StreamSource
-    from facecast.pipeline import EngineOptions, output_mark
     from facecast.swap.mesh_swapper import SwapOptions
 
-    assert settings.input and settings.output
-    assert source_image is not None or settings.source_image
     try:
         selection = Selection.parse(settings.faces)
     except ValueError as exc:
         raise FacecastError(str(exc)) from None
-    options = EngineOptions(
+    return EngineOptions(
         selection=selection,
         swap=SwapOptions(blend=settings.blend),  # type: ignore[arg-type]
         label=settings.label,
         detect_every=settings.detect_every,
         temporal=True,  # cuts reset, track ids (index:N, references), steady mesh and colour
     )
+
+
+def build_pipeline(
+    settings: StreamSettings, source_image: np.ndarray | None = None, name: str | None = None
+) -> LivePipeline:
+    """A ready-to-run pipeline for ``settings``: engine with the source face loaded (from
+    ``source_image`` if given, else ``settings.source_image``), input and output."""
+    from facecast.media.image_io import read_image
+    from facecast.media.live_sink import StreamSink
+    from facecast.media.live_source import StreamSource
+    from facecast.pipeline import output_mark
+
+    assert settings.input and settings.output
+    assert source_image is not None or settings.source_image
+    options = engine_options(settings)
     engine = SwapEngine(options)
     source_name = str(settings.source_image or "uploaded face")
     if source_image is None:
