@@ -23,6 +23,16 @@ def face_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class FaceEmbedder:
+    """The embedded recogniser (the ``faces.recognise.Recogniser`` protocol)."""
+
+    # Reference mode and re-identification: stricter than dlib's 0.6, because a false match
+    # swaps a bystander while a miss only waits for the next look (on our photos the same
+    # person is 0.3-0.45 apart, different people 0.6 and up).
+    same_person = 0.5
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> float:
+        return face_distance(a, b)
+
     def __init__(self) -> None:
         self.shape_predictor = dlib.shape_predictor(str(model_path("dlib_shape5")))
         self.recogniser = dlib.face_recognition_model_v1(str(model_path("dlib_resnet")))

@@ -17,7 +17,8 @@ class Face:
     ``box`` is (x0, y0, x1, y1) in image pixels; ``keypoints`` the detector's six points
     (x, y); ``mesh`` the 468 face-mesh points (x, y in image pixels, z in the same scale,
     smaller z nearer the camera) once the landmark stage ran; ``embedding`` the 128-D dlib
-    descriptor once computed (only for sources and new tracks: it costs ~100 ms).
+    descriptor once computed (only for sources and new tracks: it costs ~100 ms); ``points5``
+    a detector's own five alignment points, when it gives them.
     """
 
     box: np.ndarray
@@ -27,6 +28,9 @@ class Face:
     mesh_score: float = 0.0
     embedding: np.ndarray | None = None
     track_id: int | None = None
+    # five alignment points (eyes, nose tip, mouth corners; image order) from detectors
+    # that give them (SCRFD, RetinaFace, YOLO-face); see faces/align.py
+    points5: np.ndarray | None = None
 
     @property
     def width(self) -> float:

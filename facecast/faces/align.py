@@ -1,0 +1,146 @@
+"""Five-point face alignment: the crops learned models expect, and the way back.
+
+Recognisers (ArcFace), swappers (inswapper) and enhancers (GFPGAN-class) were trained on
+faces warped by a similarity transform (rotation, uniform scale, shift) that puts the eyes,
+the nose tip and the mouth corners on a fixed template. The points are in image order: the
+eye on the image's left first, then the other eye, the nose tip, the mouth corner on the
+image's left, the other corner.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from facecast.faces.face import LEFT_EYE, MOUTH, NOSE_TIP, RIGHT_EYE, Face
+
+# The ArcFace template for a 112x112 crop (the insightface convention, public since 2018).
+ARCFACE_112 = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+# FFHQ's alignment as a 5-point template, in units of the crop size (face restoration models).
+FFHQ_UNIT = np.array(
+    [
+        [0.37691676, 0.46864664],
+        [0.62285697, 0.46912813],
+        [0.50123859, 0.61331904],
+        [0.39308822, 0.72541100],
+        [0.61150205, 0.72490465],
+    ],
+    dtype=np.float64,
+)
+
+# Face-mesh vertices for the five points: eye contours (averaged), the nose tip, the mouth
+# corners. The first eye is the subject's right, which is on the image's left.
+MESH_RIGHT_EYE = (33, 133, 159, 145)
+MESH_LEFT_EYE = (263, 362, 386, 374)
+MESH_NOSE_TIP = 4
+MESH_MOUTH_CORNERS = (61, 291)
+
+
+def arcface_template(size: int) -> np.ndarray:
+    """The ArcFace template for a ``size`` crop. Multiples of 112 scale it; other sizes
+    (128 for inswapper) scale by size/128 and shift right by 8 of those units, as the
+    models were trained."""
+    if size % 112 == 0:
+        return ARCFACE_112 * (size / 112.0)
+    ratio = size / 128.0
+    template = ARCFACE_112 * ratio
+    template[:, 0] += 8.0 * ratio
+    return template
+
+
+def ffhq_template(size: int) -> np.ndarray:
+    return FFHQ_UNIT * float(size)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2x3 similarity matrix that maps ``src`` points onto ``dst`` in the least-squares
+    sense (Umeyama, 1991), without reflection."""
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    u, sigma, vt = np.linalg.svd(cov)
+    sign = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[-1] = -1.0
+    rotation = u @ np.diag(sign) @ vt
+    variance = np.mean(np.sum(s**2, axis=1))
+    scale = float(np.sum(sigma * sign) / variance) if variance > 0 else 1.0
+    shift = mu_d - scale * rotation @ mu_s
+    return np.hstack([scale * rotation, shift[:, None]])
+
+
+def five_points(face: Face) -> np.ndarray:
+    """The face's five alignment points (5x2, image pixels): a detector's own five points
+    when it gave them, else from the mesh, else from BlazeFace's keypoints (its one mouth
+    point stands in for both corners, spread by the eye distance)."""
+    if face.points5 is not None:
+        return np.asarray(face.points5, np.float64)
+    if face.mesh is not None:
+        mesh = face.mesh[:, :2].astype(np.float64)
+        return np.array(
+            [
+                mesh[list(MESH_RIGHT_EYE)].mean(0),
+                mesh[list(MESH_LEFT_EYE)].mean(0),
+                mesh[MESH_NOSE_TIP],
+                mesh[MESH_MOUTH_CORNERS[0]],
+                mesh[MESH_MOUTH_CORNERS[1]],
+            ]
+        )
+    k = np.asarray(face.keypoints, np.float64)
+    eyes = k[LEFT_EYE] - k[RIGHT_EYE]
+    half_mouth = 0.4 * eyes
+    return np.array(
+        [k[RIGHT_EYE], k[LEFT_EYE], k[NOSE_TIP], k[MOUTH] - half_mouth, k[MOUTH] + half_mouth]
+    )
+
+
+def align_crop(
+    image: np.ndarray, points: np.ndarray, template: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size`` x ``size`` crop with ``points`` on ``template``, and the 2x3 matrix from
+    image to crop (invert it with ``cv2.invertAffineTransform`` to go back)."""
+    matrix = similarity_transform(points, template)
+    crop = cv2.warpAffine(
+        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    return crop, matrix
+
+
+def paste_back(
+    frame: np.ndarray, crop: np.ndarray, matrix: np.ndarray, mask: np.ndarray
+) -> tuple[slice, slice] | None:
+    """Warp ``crop`` (made with ``matrix``) back into ``frame`` in place, through ``mask``
+    (crop-sized, 0..1). Only the face's bounding box is touched. Returns the region, or
+    None when it falls outside the frame."""
+    size = crop.shape[1], crop.shape[0]
+    inverse = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0], [size[0], 0], [0, size[1]], [size[0], size[1]]], np.float64)
+    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
+    h, w = frame.shape[:2]
+    x0, y0 = np.maximum(np.floor(mapped.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(mapped.max(0)).astype(int) + 1, [w, h])
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    local = inverse.copy()
+    local[:, 2] -= (x0, y0)
+    region = (slice(y0, y1), slice(x0, x1))
+    out_size = (int(x1 - x0), int(y1 - y0))
+    face = cv2.warpAffine(crop, local, out_size, flags=cv2.INTER_LINEAR)
+    alpha = cv2.warpAffine(mask.astype(np.float32), local, out_size, flags=cv2.INTER_LINEAR)
+    alpha = np.clip(alpha, 0.0, 1.0)[:, :, None]
+    background = frame[region].astype(np.float32)
+    frame[region] = (face.astype(np.float32) * alpha + background * (1.0 - alpha) + 0.5).astype(
+        np.uint8
+    )
+    return region

@@ -1,0 +1,277 @@
+"""A user-supplied inswapper-class model (inswapper_128) behind the MeshSwapper interface.
+
+The model redraws an aligned 128x128 crop of the target with the source's identity, keeping
+the target's pose, expression and lighting. Its identity input is not the ArcFace embedding
+itself but a latent: the normalised embedding times the model's embedding map (a 512x512
+matrix stored as the graph's last initializer), normalised again.
+
+Per source (once): the ArcFace embedding and the latent. Per target face (every frame):
+1. the target aligned to inswapper's template (the ArcFace one, shifted; ``faces/align.py``);
+2. the model run on that crop and the latent;
+3. in crop space, the project's own masks (the face oval from the target's mesh, feathered;
+   a feathered box when there is no mesh), the target's mouth opening and occluders kept,
+   colour matched to the target's skin;
+4. the crop warped back and blended into the frame inside the mask's footprint only.
+
+Of ``SwapOptions``: ``blend`` (feather or Poisson), ``keep_mouth`` (inswapper keeps the
+expression, so the opening is where the target's is, and its 128-pixel teeth are its weakest
+part: the target's own are sharper) and ``keep_occluders`` (the embedded swapper's colour
+rule, in crop space) apply. ``keep_eyes`` does not: the eyes carry much of the identity the
+model was asked to draw. ``shape_strength`` and ``shading`` do not either: the model draws
+the outline and the lighting itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from facecast.faces.align import align_crop, arcface_template, five_points
+from facecast.faces.face import Face
+from facecast.faces.recognise import ArcFaceRecogniser, normalise
+from facecast.onnx_runtime import ModelFileError, OnnxModel, load_onnx
+from facecast.swap import blend
+from facecast.swap.mesh_swapper import TARGET_OCCLUDER_DISTANCE, MeshSwapper, SwapOptions
+from facecast.timing import StageClock
+
+CROP_SIZE = 128
+LATENT_SIZE = 512
+# Mask geometry, in fractions of the face's width in the crop (as MeshSwapper's, which are in
+# fractions of the face's width in the frame: the same look at any scale).
+OVAL_FEATHER = 0.09
+SKIN_FEATHER = 0.06
+MOUTH_SOFTEN = 0.012
+# Without a mesh: boxes in fractions of the crop (x0, y0, x1, y1). The template puts the eyes
+# at 0.36-0.64 across and 0.40 down, the mouth at 0.72 down: the face spans about 0.2-0.8
+# across and reaches the crop's bottom; the corners are hair, ears and background.
+FACE_BOX = (0.14, 0.12, 0.86, 0.96)
+BOX_FEATHER = 0.1
+SKIN_BOX = (0.28, 0.46, 0.72, 0.8)  # colour statistics: cheeks, nose, mouth; not the eyes
+
+
+@dataclass(frozen=True)
+class LatentFace:
+    """What the swap needs from the source photo, computed once."""
+
+    latent: np.ndarray  # (1, 512) float32, unit length: the model's "source" input
+    embedding: np.ndarray  # the normalised ArcFace embedding it came from
+
+
+def latent_from_embedding(embedding: np.ndarray, emap: np.ndarray) -> np.ndarray:
+    """inswapper's identity input: normalise(normalise(embedding) @ emap), shape (1, N)."""
+    projected = normalise(np.ravel(embedding)).astype(np.float64) @ emap.astype(np.float64)
+    return normalise(projected).astype(np.float32)[None]
+
+
+def swapper_blob(crop: np.ndarray) -> np.ndarray:
+    """An aligned BGR uint8 crop as inswapper's "target": RGB, 0..1, 1x3xHxW."""
+    rgb = crop[:, :, ::-1].astype(np.float32) / 255.0
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
+
+
+def image_from_output(output: np.ndarray) -> np.ndarray:
+    """The model's 1x3xHxW RGB 0..1 output as a BGR uint8 image."""
+    rgb = np.clip(output[0].transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5
+    return np.ascontiguousarray(rgb.astype(np.uint8)[:, :, ::-1])
+
+
+def box_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(paste alpha, skin for colour statistics) for a face without a mesh."""
+
+    def box(bounds: tuple[float, float, float, float]) -> np.ndarray:
+        x0, y0, x1, y1 = (round(f * size) for f in bounds)
+        mask = np.zeros((size, size), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        return mask
+
+    face = box(FACE_BOX)
+    face[[0, -1], :], face[:, [0, -1]] = 0, 0  # the feather runs out at the crop's edge
+    return blend.feathered(face, BOX_FEATHER * size), box(SKIN_BOX).astype(np.float32) / 255.0
+
+
+def paste_face(
+    frame: np.ndarray,
+    crop: np.ndarray,
+    matrix: np.ndarray,
+    alpha: np.ndarray,
+    mode: blend.BlendMode = "feather",
+) -> tuple[slice, slice] | None:
+    """Warp ``crop`` (made from ``frame`` with ``matrix``) back into ``frame`` in place,
+    through ``alpha`` (crop-sized, 0..1). Only the frame box under alpha's non-zero part is
+    read and written, so the rest of the frame stays bit for bit. Returns that box, or None
+    when it falls outside the frame or is too small to blend."""
+    ys, xs = np.nonzero(alpha > 0)
+    if len(xs) == 0:
+        return None
+    inverse = cv2.invertAffineTransform(matrix)
+    # the footprint of alpha's support (pixel corners, one pixel of interpolation slack)
+    x_lo, x_hi, y_lo, y_hi = xs.min() - 1, xs.max() + 2, ys.min() - 1, ys.max() + 2
+    corners = np.array([[x_lo, y_lo], [x_hi, y_lo], [x_lo, y_hi], [x_hi, y_hi]], np.float64)
+    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
+    h, w = frame.shape[:2]
+    x0, y0 = np.maximum(np.floor(mapped.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(mapped.max(0)).astype(int) + 1, [w, h])
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return None
+    local = inverse.copy()
+    local[:, 2] -= (x0, y0)
+    size = (int(x1 - x0), int(y1 - y0))
+    # cubic: the crop is usually enlarged on the way back, and linear would soften it more
+    face = cv2.warpAffine(crop, local, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    weight = cv2.warpAffine(alpha.astype(np.float32), local, size, flags=cv2.INTER_LINEAR)
+    weight = np.clip(weight, 0.0, 1.0)
+    region = (slice(y0, y1), slice(x0, x1))
+    background = frame[region]
+    if mode == "poisson":
+        out = blend.poisson_blend(face, background, weight)
+    else:
+        out = blend.alpha_blend(face, background, weight)
+    frame[region] = out
+    return region
+
+
+class InswapperSwapper:
+    """The learned swapper: ``prepare`` once per source face, ``swap`` per target face."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        recogniser: ArcFaceRecogniser,
+        options: SwapOptions | None = None,
+    ) -> None:
+        self.model = model
+        self.recogniser = recogniser
+        self.options = options or SwapOptions()
+        self.size, latent_size, self.output_name = self._check_signature(model)
+        self.emap = self._embedding_map(model, latent_size)
+        self.template = arcface_template(self.size)
+        # the embedded swapper's skin and feature masks: the same occluder rules for both
+        self._masks = MeshSwapper(self.options)
+
+    @staticmethod
+    def _check_signature(model: OnnxModel) -> tuple[int, int, str]:
+        """(crop size, latent size, output name), or a ModelFileError saying what differs."""
+        inputs = dict(model.inputs)
+        name = model.path.name
+        expected = 'inputs "target" [1,3,128,128] and "source" [1,512]'
+        missing = [n for n in ("target", "source") if n not in inputs]
+        if missing:
+            raise ModelFileError(
+                f"{name}: not an inswapper-class model: no input {', '.join(map(repr, missing))}"
+                f" (found {list(inputs)}; expected {expected})"
+            )
+        target, source = inputs["target"], inputs["source"]
+        sizes = {d for d in target[2:] if isinstance(d, int) and d > 0}
+        channels = target[1] if len(target) == 4 and isinstance(target[1], int) else 3
+        if len(target) != 4 or channels != 3 or len(sizes) > 1 or len(source) != 2:
+            raise ModelFileError(
+                f"{name}: inputs 'target' {target} and 'source' {source}; expected {expected}"
+            )
+        latent = source[1] if isinstance(source[1], int) and source[1] > 0 else LATENT_SIZE
+        if not model.outputs:
+            raise ModelFileError(f"{name}: the model has no output")
+        out_name, out_shape = model.outputs[0]
+        if len(out_shape) != 4:
+            raise ModelFileError(
+                f"{name}: output {out_name!r} has shape {out_shape}; expected [1,3,H,W]"
+            )
+        return (sizes.pop() if sizes else CROP_SIZE), latent, out_name
+
+    @staticmethod
+    def _embedding_map(model: OnnxModel, latent_size: int) -> np.ndarray:
+        """The model's last initializer: the map from ArcFace embeddings to its latents."""
+        from onnx import numpy_helper
+
+        graph = load_onnx(model.path).graph
+        if not graph.initializer:
+            raise ModelFileError(
+                f"{model.path.name}: no initializers, so no embedding map: not an inswapper model"
+            )
+        emap = numpy_helper.to_array(graph.initializer[-1]).astype(np.float32)
+        if emap.ndim != 2 or emap.shape[1] != latent_size:
+            raise ModelFileError(
+                f"{model.path.name}: the last initializer ({graph.initializer[-1].name!r}, "
+                f"shape {list(emap.shape)}) is not the {latent_size}-column embedding map "
+                "an inswapper model ends with"
+            )
+        return emap
+
+    def prepare(
+        self, image: np.ndarray, face: Face, embedding: np.ndarray | None = None
+    ) -> LatentFace:
+        """The source face's latent. ``embedding``: its ArcFace embedding from this
+        swapper's recogniser, when already computed."""
+        if embedding is None:
+            embedding = self.recogniser.embed(image, face)
+        embedding = normalise(np.ravel(embedding))
+        if embedding.size != self.emap.shape[0]:
+            raise ModelFileError(
+                f"{self.recogniser.model.path.name} gives {embedding.size}-D embeddings but "
+                f"{self.model.path.name} maps {self.emap.shape[0]}-D ones: use the recogniser "
+                "the swap model was trained with (ArcFace w600k_r50 for inswapper_128)"
+            )
+        return LatentFace(latent_from_embedding(embedding, self.emap), embedding)
+
+    def swap(
+        self,
+        frame: np.ndarray,
+        target: Face,
+        source: LatentFace,
+        clock: StageClock | None = None,
+        settle_colour: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> bool:
+        """Replace ``target`` in ``frame`` (BGR, modified in place) with ``source``.
+        Returns False when the face is too small or off-frame to swap. ``settle_colour``:
+        the face's temporal colour filter (see ``blend.transfer_colour``)."""
+        clock = clock or StageClock()
+        with clock.stage("swap"):
+            points = five_points(target)
+            if float(np.linalg.norm(points[1] - points[0])) < 4.0:
+                return False  # eyes a few pixels apart: nothing the model could redraw
+            h, w = frame.shape[:2]
+            if not (points.max(0) > 0).all() or not (points.min(0) < (w, h)).all():
+                return False  # all five points beyond one edge: no face in this frame
+            crop, matrix = align_crop(frame, points, self.template, self.size)
+            (raw,) = self.model.run(
+                {"target": swapper_blob(crop), "source": source.latent}, [self.output_name]
+            )
+            swapped = image_from_output(np.asarray(raw, np.float32))
+            if swapped.shape[:2] != crop.shape[:2]:
+                swapped = cv2.resize(swapped, crop.shape[1::-1], interpolation=cv2.INTER_AREA)
+
+        with clock.stage("blend"):
+            alpha, skin = self.masks(crop, target, matrix)
+            coloured = blend.transfer_colour(swapped, crop, skin, settle_stats=settle_colour)
+            region = paste_face(frame, coloured, matrix, alpha, self.options.blend)
+        return region is not None
+
+    def masks(
+        self, crop: np.ndarray, target: Face, matrix: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(paste alpha, skin for the colour statistics), both crop-sized float32 0..1."""
+        size = crop.shape[0]
+        if target.mesh is None:
+            return box_masks(size)
+        opts, topo = self.options, self._masks.topology
+        points = target.mesh[:, :2].astype(np.float64) @ matrix[:, :2].T + matrix[:, 2]
+        face_width = float(np.ptp(points[topo.face_oval, 0]))
+        oval = blend.polygon_mask((size, size), [points[topo.face_oval]])
+        # the crop's edge counts as the oval's edge, so the feather also runs out there
+        oval[[0, -1], :], oval[:, [0, -1]] = 0, 0
+        alpha = blend.feathered(oval, OVAL_FEATHER * face_width)
+        if opts.keep_mouth:
+            mouth = blend.polygon_mask((size, size), [points[topo.inner_lips]])
+            alpha *= 1.0 - blend.soft_holes(mouth, MOUTH_SOFTEN * face_width)
+        if opts.keep_occluders:
+            # a hand or microphone over the target's face is not skin-coloured: keep it
+            alpha *= self._masks.skin_mask(crop, points, TARGET_OCCLUDER_DISTANCE)
+        features = cv2.dilate(
+            blend.polygon_mask((size, size), self._masks.feature_polygons(points)),
+            np.ones((3, 3), np.uint8),
+            iterations=2,
+        )
+        skin = blend.feathered(oval, SKIN_FEATHER * face_width) * (features < 128)
+        return alpha.astype(np.float32), skin.astype(np.float32)

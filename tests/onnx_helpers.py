@@ -1,0 +1,177 @@
+"""Tiny ONNX graphs with the real models' input/output names, shapes and layouts.
+
+The real files (inswapper_128, w600k_r50, SCRFD, ...) cannot be downloaded here, so the
+adapters are tested on stand-ins: graphs whose signature matches and whose arithmetic is
+simple enough to compute independently in numpy (a constant output, an identity, a
+matrix product). Built with the ``onnx`` helper API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+Shape = Sequence[int | str | None]
+OPSET = 17
+
+
+def value_info(name: str, shape: Shape, dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, list(shape))
+
+
+def save_model(
+    path: Path,
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, Shape],
+    outputs: dict[str, Shape],
+    initializers: dict[str, np.ndarray] | None = None,
+    name: str = "stand-in",
+) -> Path:
+    """Write a checked ONNX model. ``initializers`` keep their order: some adapters read a
+    model's last initializer (inswapper's embedding map)."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [value_info(n, s) for n, s in inputs.items()],
+        [value_info(n, s) for n, s in outputs.items()],
+        [numpy_helper.from_array(np.asarray(a), n) for n, a in (initializers or {}).items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8  # readable by every onnxruntime we support
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def constant_model(
+    path: Path, inputs: dict[str, Shape], outputs: dict[str, np.ndarray], name: str = "stand-in"
+) -> Path:
+    """A model that ignores its inputs and returns fixed arrays: for checking how an
+    adapter decodes known raw outputs (anchors, strides, boxes)."""
+    nodes = [
+        helper.make_node("Constant", [], [n], value=numpy_helper.from_array(a.astype(np.float32)))
+        for n, a in outputs.items()
+    ]
+    shapes = {n: list(a.shape) for n, a in outputs.items()}
+    return save_model(path, nodes, inputs, shapes, name=name)
+
+
+def identity_model(path: Path, name_in: str, name_out: str, shape: Shape) -> Path:
+    """Output = input: for checking an adapter's pre- and post-processing round trip."""
+    node = helper.make_node("Identity", [name_in], [name_out])
+    return save_model(path, [node], {name_in: shape}, {name_out: shape})
+
+
+def scaled_by_input_model(
+    path: Path,
+    name_in: str,
+    weight_name: str,
+    name_out: str,
+    shape: Shape,
+    weight_dtype: int = TensorProto.DOUBLE,
+    weight_shape: Shape = (1,),
+) -> Path:
+    """Output = input x weight, the weight a second (scalar) input of its own type: a
+    CodeFormer-like stand-in, to check what an adapter feeds as the weight."""
+    nodes = [
+        helper.make_node("Cast", [weight_name], ["weight_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [name_in, "weight_f32"], [name_out]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scaled-by-input",
+        [value_info(name_in, shape), value_info(weight_name, weight_shape, weight_dtype)],
+        [value_info(name_out, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def arcface_model(
+    path: Path,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    pool: int = 8,
+    input_name: str = "input.1",
+    output_name: str = "683",
+    size: int = 112,
+) -> Path:
+    """An ArcFace stand-in ([N,3,size,size] -> [N,D]): ``pool`` x ``pool`` average pooling,
+    flattened (channel, row, column), times ``weight`` ((3 * (size/pool)^2, D)) plus ``bias``.
+    Cheap, yet every pixel's channel, place and scale reach the output, so a test can
+    compute the expected embedding in numpy."""
+    nodes = [
+        helper.make_node("AveragePool", [input_name], ["pooled"], kernel_shape=[pool, pool],
+                         strides=[pool, pool]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "weight"], ["projected"]),
+        helper.make_node("Add", ["projected", "bias"], [output_name]),
+    ]  # fmt: skip
+    return save_model(
+        path,
+        nodes,
+        {input_name: ["N", 3, size, size]},
+        {output_name: ["N", weight.shape[1]]},
+        {"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)},
+        name="arcface-stand-in",
+    )
+
+
+def inswapper_model(
+    path: Path,
+    emap: np.ndarray,
+    flat_colour: Sequence[float] | None = None,
+    expected_latent: np.ndarray | None = None,
+    gain: float = 10.0,
+    leading: dict[str, np.ndarray] | None = None,
+    size: int = 128,
+) -> Path:
+    """An inswapper_128 stand-in: "target" [1,3,size,size] and "source" [1,512] in, "output"
+    [1,3,size,size] out, ``emap`` the LAST initializer (``leading`` ones go first).
+
+    The output is the target itself (identity), or ``flat_colour`` (RGB 0..1) everywhere,
+    plus ``gain`` * sum(|source - expected_latent|) times a +-1 checkerboard: with the
+    latent the adapter should feed, the output is the body alone; with any other, a
+    high-contrast pattern that no colour matching can take out (a gate a test can read
+    through the whole swap). Without ``expected_latent`` the source is used times zero."""
+    latent = emap.shape[1]
+    expected = np.zeros((1, latent)) if expected_latent is None else expected_latent
+    gate = gain if expected_latent is not None else 0.0
+    colour = np.zeros(3) if flat_colour is None else np.asarray(flat_colour)
+    keep = 1.0 if flat_colour is None else 0.0
+    ys, xs = np.mgrid[:size, :size]
+    checkerboard = np.where((ys // 4 + xs // 4) % 2 == 0, 1.0, -1.0)
+    nodes = [
+        helper.make_node("Mul", ["target", "keep"], ["kept"]),
+        helper.make_node("Add", ["kept", "colour"], ["body"]),
+        helper.make_node("Sub", ["source", "expected"], ["diff"]),
+        helper.make_node("Abs", ["diff"], ["abs_diff"]),
+        helper.make_node("ReduceSum", ["abs_diff"], ["total"], keepdims=1),
+        helper.make_node("Mul", ["total", "gain"], ["amount"]),
+        helper.make_node("Mul", ["amount", "pattern"], ["gated"]),
+        helper.make_node("Add", ["body", "gated"], ["output"]),
+    ]
+    initializers = dict(leading or {})
+    initializers |= {
+        "keep": np.array(keep, np.float32),
+        "colour": colour.astype(np.float32).reshape(1, 3, 1, 1),
+        "expected": np.asarray(expected, np.float32).reshape(1, latent),
+        "gain": np.array(gate, np.float32),
+        "pattern": checkerboard.astype(np.float32)[None, None],
+        "emap": emap.astype(np.float32),
+    }
+    return save_model(
+        path,
+        nodes,
+        {"target": [1, 3, size, size], "source": [1, latent]},
+        {"output": [1, 3, size, size]},
+        initializers,
+        name="inswapper-stand-in",
+    )
