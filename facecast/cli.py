@@ -27,6 +27,57 @@ console = Console(stderr=True, soft_wrap=True)  # one message, one line, whateve
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+# Which model does each job: shared by swap and stream. None leaves the environment's
+# FACECAST_* value, or the embedded default.
+ModelsDirFlag = Annotated[
+    Path | None,
+    typer.Option("--models-dir", help="Folder with your ONNX models [env FACECAST_MODELS_DIR]."),
+]
+DetectorFlag = Annotated[
+    str | None, typer.Option(help="blazeface (embedded), scrfd, retinaface, yoloface or a file.")
+]
+RecogniserFlag = Annotated[str | None, typer.Option(help="dlib (embedded) or arcface.")]
+SwapperFlag = Annotated[str | None, typer.Option(help="mesh (embedded) or inswapper.")]
+EnhancerFlag = Annotated[
+    str | None, typer.Option(help="gfpgan (any 512x512 face restorer) after the swap.")
+]
+ProvidersFlag = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--execution-provider", help="cpu, cuda or tensorrt; repeat for a fallback order."
+    ),
+]
+Fp16Flag = Annotated[bool | None, typer.Option("--fp16/--fp32", help="TensorRT half precision.")]
+MemoryFlag = Annotated[
+    str | None,
+    typer.Option("--memory-strategy", help="strict, moderate (default) or tolerant."),
+]
+
+
+def model_flags(
+    models_dir: Path | None,
+    detector: str | None,
+    recogniser: str | None,
+    swapper: str | None,
+    enhancer: str | None,
+    providers: list[str] | None,
+    fp16: bool | None,
+    memory: str | None,
+) -> dict[str, object]:
+    """The model flags that were given, as ModelSettings fields."""
+    given = {
+        "models_dir": models_dir,
+        "detector": detector,
+        "recogniser": recogniser,
+        "swapper": swapper,
+        "enhancer": enhancer,
+        "execution_providers": providers,
+        "fp16": fp16,
+        "memory_strategy": memory,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def fail(message: str) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code=2)
@@ -72,15 +123,19 @@ def run_swap(
     blend: str,
     label: bool,
     references: tuple[tuple[Path, Path], ...] = (),
+    models: dict[str, object] | None = None,
 ) -> None:
     """Shared by ``swap`` and ``demo``: one place turns FacecastErrors into exit code 2."""
+    from facecast.config import ModelSettings
     from facecast.faces.select import Selection
+    from facecast.modelset import ModelChoice
     from facecast.pipeline import EngineOptions, swap_file
     from facecast.swap.mesh_swapper import SwapOptions
 
     try:
         selection = Selection.parse(faces)
-    except ValueError as exc:
+        choice = ModelChoice.from_settings(ModelSettings(**(models or {})))
+    except (ValueError, FacecastError) as exc:
         raise fail(str(exc)) from None
     if blend not in ("feather", "poisson"):
         raise fail(f"unknown blend {blend!r}: use feather or poisson")
@@ -89,6 +144,7 @@ def run_swap(
         swap=SwapOptions(blend=blend),  # type: ignore[arg-type]
         label=label,
         references=references,
+        models=choice,
     )
     progress = _progress()
     task = progress.add_task(target.name, total=None, fps=0.0)
@@ -132,9 +188,28 @@ def swap(
             "Repeat for several people; anyone else is left untouched."
         ),
     ] = None,
+    models_dir: ModelsDirFlag = None,
+    detector: DetectorFlag = None,
+    recogniser: RecogniserFlag = None,
+    swapper: SwapperFlag = None,
+    enhancer: EnhancerFlag = None,
+    execution_provider: ProvidersFlag = None,
+    fp16: Fp16Flag = None,
+    memory_strategy: MemoryFlag = None,
 ) -> None:
     """Swap the face from SOURCE onto the chosen faces of an image or a video file."""
-    run_swap(source, target, output, faces, blend, label, parse_references(reference or [], source))
+    models = model_flags(
+        models_dir,
+        detector,
+        recogniser,
+        swapper,
+        enhancer,
+        execution_provider,
+        fp16,
+        memory_strategy,
+    )
+    references = parse_references(reference or [], source)
+    run_swap(source, target, output, faces, blend, label, references, models)
 
 
 @app.command()
@@ -188,6 +263,14 @@ def stream(
     stall_timeout: Annotated[
         float | None, typer.Option(help="Seconds without a frame before reconnecting.")
     ] = None,
+    models_dir: ModelsDirFlag = None,
+    detector: DetectorFlag = None,
+    recogniser: RecogniserFlag = None,
+    swapper: SwapperFlag = None,
+    enhancer: EnhancerFlag = None,
+    execution_provider: ProvidersFlag = None,
+    fp16: Fp16Flag = None,
+    memory_strategy: MemoryFlag = None,
 ) -> None:
     """Swap faces in a live stream and publish the result, until stopped (SIGINT/SIGTERM)."""
     from facecast.config import StreamSettings
@@ -207,9 +290,21 @@ def stream(
         "bitrate": bitrate,
         "stall_timeout": stall_timeout,
     }
+    flags.update(
+        model_flags(
+            models_dir,
+            detector,
+            recogniser,
+            swapper,
+            enhancer,
+            execution_provider,
+            fp16,
+            memory_strategy,
+        )
+    )
     try:
         settings = StreamSettings(**{k: v for k, v in flags.items() if v is not None})
-    except ValueError as exc:
+    except (ValueError, FacecastError) as exc:
         raise fail(str(exc)) from None
     missing = [
         f"{flag} (or {env})"
@@ -304,8 +399,10 @@ def serve(
 @app.command()
 def models(
     check: Annotated[bool, typer.Option("--check", help="Exit 2 if any file is bad.")] = False,
+    models_dir: ModelsDirFlag = None,
 ) -> None:
-    """List the model files and check each one (presence and sha256)."""
+    """List the model files and check each one (presence and sha256); with a models folder,
+    also what each ONNX file there was recognised as."""
     from facecast.models import REGISTRY
     from facecast.models import check as check_model
 
@@ -323,8 +420,39 @@ def models(
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     for problem in problems:
         console.print(f"[red]{problem}[/]", highlight=False)
+    try:
+        problems += _user_models(models_dir)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
     if problems and check:
         raise typer.Exit(code=2)
+
+
+def _user_models(models_dir: Path | None) -> list[str]:
+    """Print the models folder's ONNX files as recognised; the unrecognised ones."""
+    from facecast.usermodels import describe, scan
+    from facecast.usermodels import models_dir as resolve_dir
+
+    folder = resolve_dir(models_dir)
+    if folder is None:
+        return []
+    found = scan(folder)
+    table = Table("file", "kind", "family", "identified by", "sha256", "inputs", "outputs", "note")
+    for row in describe(found):
+        table.add_row(
+            row["file"],
+            row["kind"],
+            row["family"],
+            row["identified_by"],
+            row["sha256_full"],
+            row["inputs"],
+            row["outputs"],
+            row["note"],
+        )
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    if not found:
+        console.print(f"[yellow]{folder}: no .onnx files[/]", highlight=False)
+    return [f"{m.file}: {m.reason}" for m in found if not m.recognised]
 
 
 @bench_app.command("swap")

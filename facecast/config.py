@@ -39,10 +39,41 @@ def parse_bitrate(value: str | int | None) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
-class StreamSettings(BaseSettings):
+class ModelSettings(BaseSettings):
+    """Which model does each job (``swap``, ``stream`` and ``serve`` share these). The
+    defaults are the models embedded in the installed packages; the others are ONNX files
+    the user puts in ``models_dir`` (nothing is ever downloaded)."""
+
     # populate_by_name: flags are passed by field name; the environment uses the aliases
     model_config = SettingsConfigDict(env_prefix="FACECAST_", extra="ignore", populate_by_name=True)
 
+    models_dir: Path | None = None
+    detector: str = "blazeface"  # or scrfd | retinaface | yoloface, or a file in models_dir
+    recogniser: str = "dlib"  # or arcface
+    swapper: str = "mesh"  # or inswapper
+    enhancer: str | None = None  # or gfpgan (any 512x512 face restorer)
+    # tried in order, CPU always last; FACECAST_EXECUTION_PROVIDERS='["cuda","cpu"]'
+    execution_providers: list[str] = ["cpu"]
+    fp16: bool = False  # TensorRT half precision
+    memory_strategy: str = "moderate"  # strict | moderate | tolerant
+
+    @field_validator("execution_providers", mode="before")
+    @classmethod
+    def _providers(cls, value: list[str] | str | None) -> list[str]:
+        from facecast.onnx_runtime import parse_providers
+
+        items = [value] if isinstance(value, str) else list(value or [])
+        return list(parse_providers(items))
+
+    @field_validator("memory_strategy")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if value not in ("strict", "moderate", "tolerant"):
+            raise ValueError(f"memory strategy {value!r}: use strict, moderate or tolerant")
+        return value
+
+
+class StreamSettings(ModelSettings):
     source_image: Path | None = Field(
         None, validation_alias=AliasChoices("FACECAST_SOURCE_IMAGE", "SOURCE_IMAGE")
     )

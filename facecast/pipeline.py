@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -20,7 +21,6 @@ import numpy as np
 from facecast import __version__
 from facecast.errors import MediaError, NoFaceError
 from facecast.faces.analyse import FaceAnalyser
-from facecast.faces.embed import FaceEmbedder
 from facecast.faces.face import Face
 from facecast.faces.select import Selection
 from facecast.faces.temporal import TemporalFaces
@@ -31,7 +31,8 @@ from facecast.media.mark import make_mark
 from facecast.media.overlay import draw_label
 from facecast.media.sink import VideoFileSink
 from facecast.media.source import VideoFileSource
-from facecast.swap.mesh_swapper import MeshSwapper, SourceFace, SwapOptions
+from facecast.modelset import ModelChoice, load_models
+from facecast.swap.mesh_swapper import SwapOptions
 from facecast.timing import StageClock
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,13 @@ class EngineOptions:
     detect_every: int = 1  # video: detect every N frames, follow meshes in between
     temporal: bool = False  # video: reset on cuts, track ids, smooth meshes (faces/temporal.py)
     fps: float = 30.0  # the video's frame rate, for the smoothing's time base
-    # reference mode: the largest dlib distance at which a face counts as a reference's
-    # person (same person ~0.3-0.45 on our photos, different people 0.6 and up)
-    reference_distance: float = 0.5
+    # reference mode: the largest identity distance at which a face counts as a reference's
+    # person; None takes the recogniser's own (dlib 0.5 Euclidean, ArcFace 0.6 cosine)
+    reference_distance: float | None = None
     # (reference photo, source photo) pairs: swap only these people, each with that face
     references: tuple[tuple[Path, Path], ...] = ()
+    # which model does each job (embedded defaults, or the user's ONNX files)
+    models: ModelChoice = field(default_factory=ModelChoice)
 
 
 @dataclass
@@ -85,23 +88,29 @@ class SwapEngine:
 
     def __init__(self, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
+        self.models = load_models(self.options.models, self.options.swap)
         self.analyser = FaceAnalyser(
-            tiles=self.options.tiles, detect_every=self.options.detect_every
+            tiles=self.options.tiles,
+            detect_every=self.options.detect_every,
+            detector=self.models.detector,
         )
-        self.swapper = MeshSwapper(self.options.swap)
-        self.source: SourceFace | None = None
+        self.swapper = self.models.swapper
+        self.source: Any = None  # what swapper.prepare() made of the source photo
         self.temporal = TemporalFaces(self.options.fps) if self.options.temporal else None
         self.last_faces: list[Face] = []
         # reference mode: (the person to swap, the face they get), see add_reference()
-        self.references: list[tuple[np.ndarray, SourceFace | None]] = []
+        self.references: list[tuple[np.ndarray, Any]] = []
         self.last_swaps: list[tuple[Face, int | None]] = []  # (face, reference index)
-        self._embedder: FaceEmbedder | None = None  # loaded with the first reference
 
-    def load_source(self, image: np.ndarray, name: str = "source image") -> SourceFace:
-        """Prepare the source face (the largest, if the photo shows several)."""
+    def photo_faces(self, image: np.ndarray) -> list[Face]:
+        """Faces in a still photo (a source or a reference), largest first."""
         # A photo gets its own tiled analyser: small faces are found, the cost is paid once,
         # and the stream analyser's frame-to-frame state is not disturbed.
-        faces = FaceAnalyser(tiles=True).analyse(image)
+        return FaceAnalyser(tiles=True, detector=self.models.detector).analyse(image)
+
+    def load_source(self, image: np.ndarray, name: str = "source image") -> Any:
+        """Prepare the source face (the largest, if the photo shows several)."""
+        faces = self.photo_faces(image)
         if not faces:
             raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
         if len(faces) > 1:
@@ -117,15 +126,14 @@ class SwapEngine:
         call again for more people (person A -> face X, person B -> face Y). Faces that
         match no reference are left untouched. Video and live only: identity is decided
         per track."""
-        faces = FaceAnalyser(tiles=True).analyse(reference)
+        faces = self.photo_faces(reference)
         if not faces:
             raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
-        if self._embedder is None:
-            self._embedder = FaceEmbedder()
-        embedding = self._embedder.embed(reference, faces[0])
+        recogniser = self.models.recogniser
+        embedding = recogniser.embed(reference, faces[0])
         own_face = None
         if source is not None:
-            source_faces = FaceAnalyser(tiles=True).analyse(source)
+            source_faces = self.photo_faces(source)
             if not source_faces:
                 raise NoFaceError(f"no face found in the source for {name}")
             own_face = self.swapper.prepare(source, source_faces[0])
@@ -133,7 +141,7 @@ class SwapEngine:
             raise RuntimeError("load_source() before a reference without its own face")
         self.references.append((embedding, own_face))
         if self.temporal is None or self.temporal.embed is None:
-            self.temporal = TemporalFaces(self.options.fps, embed=self._embedder.embed)
+            self.temporal = TemporalFaces(self.options.fps, recogniser=recogniser)
         self.source = self.source or own_face
         return len(self.references) - 1
 
@@ -162,6 +170,9 @@ class SwapEngine:
             result.swapped += swapped
             if swapped:
                 self.last_swaps.append((face, ref))
+                if self.models.enhancer is not None:
+                    with clock.stage("enhance"):
+                        self.models.enhancer.enhance(image, face)
         if self.options.label:
             with clock.stage("label"):
                 draw_label(image, self.options.label_text)
@@ -176,12 +187,13 @@ class SwapEngine:
             return [(face, None) for face in self.options.selection.choose(faces, order)]
         assert self.temporal is not None
         embeddings = [embedding for embedding, _ in self.references]
+        threshold = self.options.reference_distance
+        if threshold is None:
+            threshold = self.models.recogniser.same_person
         chosen = []
         with clock.stage("identify"):
             for face in faces:
-                ref = self.temporal.identify(
-                    image, face, embeddings, self.options.reference_distance
-                )
+                ref = self.temporal.identify(image, face, embeddings, threshold)
                 if ref is not None:
                     chosen.append((face, ref))
         return chosen
@@ -192,7 +204,7 @@ def output_mark(source: Path | str, options: EngineOptions) -> dict[str, str]:
     return make_mark(
         generator=f"facecast {__version__}",
         source_face=Path(source).name,
-        swapper="mesh",
+        swapper=options.models.swapper,
         faces=str(options.selection),
         visible_label=options.label,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from facecast.faces.detect import FaceDetector
@@ -14,6 +16,10 @@ def box_from_mesh(mesh: np.ndarray) -> np.ndarray:
     return np.array([*mesh[:, :2].min(0), *mesh[:, :2].max(0)], dtype=np.float32)
 
 
+class Detector(Protocol):
+    def detect(self, image: np.ndarray) -> list[Face]: ...
+
+
 class FaceAnalyser:
     """Faces with meshes, largest first.
 
@@ -23,8 +29,15 @@ class FaceAnalyser:
     the next frame detect again. Not thread-safe: one analyser per stream.
     """
 
-    def __init__(self, tiles: bool = False, min_score: float = 0.5, detect_every: int = 1) -> None:
-        self.detector = FaceDetector("full", min_score=min_score, tiles=tiles)
+    def __init__(
+        self,
+        tiles: bool = False,
+        min_score: float = 0.5,
+        detect_every: int = 1,
+        detector: Detector | None = None,
+    ) -> None:
+        # a user's ONNX detector (faces/detect_onnx.py) sees whole frames: no tiling
+        self.detector = detector or FaceDetector("full", min_score=min_score, tiles=tiles)
         self.mesh = FaceMesh()
         self.detect_every = max(1, detect_every)
         self._previous: list[Face] = []

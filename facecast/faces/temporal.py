@@ -17,6 +17,7 @@ import numpy as np
 
 from facecast.faces.embed import face_distance
 from facecast.faces.face import Face
+from facecast.faces.recognise import Recogniser
 from facecast.faces.smooth import OneEuroFilter
 from facecast.faces.track import Embed, FaceTracker
 from facecast.media.scene import SceneCutDetector
@@ -40,10 +41,21 @@ class TemporalFaces:
         embed: Embed | None = None,
         smooth: bool = True,
         smooth_colour: bool = True,
+        recogniser: Recogniser | None = None,
     ):
         self.fps = fps
         self.scene = SceneCutDetector()
-        self.tracker = FaceTracker(embed=embed)
+        # identity: a recogniser brings its own distance and same-person threshold;
+        # a bare ``embed`` is the embedded dlib descriptor's
+        if recogniser is not None:
+            embed = recogniser.embed
+            self.distance: Callable[[np.ndarray, np.ndarray], float] = recogniser.distance
+            self.tracker = FaceTracker(
+                embed=embed, distance=recogniser.distance, reid_distance=recogniser.same_person
+            )
+        else:
+            self.distance = face_distance
+            self.tracker = FaceTracker(embed=embed)
         self.smooth = smooth
         self.smooth_colour = smooth_colour
         self.filters: dict[int, OneEuroFilter] = {}
@@ -149,7 +161,7 @@ class TemporalFaces:
         self._identity_checks[key] = checks + 1
         embedding = face.embedding if face.embedding is not None else self.embed(image, face)
         face.embedding = embedding
-        distances = [face_distance(embedding, r) for r in references]
+        distances = [self.distance(embedding, r) for r in references]
         best = int(np.argmin(distances))
         match = best if distances[best] <= threshold else None
         self.identities[key] = match

@@ -60,8 +60,10 @@ class FaceTracker:
         rechecks: int = 6,
         recheck_every: int = 2,
         settle_frames: int = 4,
+        distance: Callable[[np.ndarray, np.ndarray], float] = face_distance,
     ) -> None:
         self.embed = embed
+        self.distance = distance
         self.iou_min = iou_min
         self.reid_distance = reid_distance
         self.max_lost_frames = max_lost_frames
@@ -167,7 +169,7 @@ class FaceTracker:
             face.embedding = self.embed(image, face)
             self.embeddings_taken += 1
         scored = [
-            (face_distance(face.embedding, t.embedding), t)
+            (self.distance(face.embedding, t.embedding), t)
             for t in tracks
             if t.embedding is not None
         ]

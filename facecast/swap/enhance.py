@@ -22,6 +22,7 @@ DEFAULT_SIZE = 512
 # the middle its authors suggest for general use; the other restorers have no such input.
 CODEFORMER_WEIGHT = 0.5
 
+
 def face_mask(size: int) -> np.ndarray:
     """float32 0..1, ``size`` x ``size``: 1 over the face of an FFHQ-aligned crop (an
     ellipse from brow to chin and cheek to cheek), falling smoothly to 0 well inside the

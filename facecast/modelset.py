@@ -1,0 +1,160 @@
+"""Which model does each job, per engine: the embedded defaults or the user's ONNX files.
+
+``ModelChoice`` names a model per job (detector, recogniser, swapper, enhancer) and how
+ONNX files run (``RuntimeOptions``). ``load_models`` turns it into live objects. Each
+``SwapEngine`` loads its own set, so one process can run a stream on the embedded swapper
+beside another on a user model.
+
+A user model is named by its family (``inswapper``) or by its file (``inswapper_128`` or
+``inswapper_128.onnx``) and is looked up in the models folder (``--models-dir`` or
+``FACECAST_MODELS_DIR``) by ``usermodels``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from facecast import usermodels
+from facecast.errors import FacecastError
+from facecast.onnx_runtime import OnnxModel, RuntimeOptions, parse_providers
+
+if TYPE_CHECKING:
+    from facecast.config import ModelSettings
+    from facecast.faces.recognise import Recogniser
+    from facecast.swap.enhance import FaceEnhancer
+    from facecast.swap.mesh_swapper import SwapOptions
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {"detector": "blazeface", "recogniser": "dlib", "swapper": "mesh"}
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    models_dir: Path | None = None
+    detector: str = "blazeface"
+    recogniser: str = "dlib"
+    swapper: str = "mesh"
+    enhancer: str | None = None
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings) -> ModelChoice:
+        return cls(
+            models_dir=settings.models_dir,
+            detector=settings.detector,
+            recogniser=settings.recogniser,
+            swapper=settings.swapper,
+            enhancer=settings.enhancer,
+            runtime=RuntimeOptions(
+                providers=parse_providers(settings.execution_providers),
+                fp16=settings.fp16,
+                memory=settings.memory_strategy,  # type: ignore[arg-type]
+            ),
+        )
+
+    def describe(self) -> str:
+        """For logs and the output's provenance mark."""
+        parts = [f"{job}={getattr(self, job)}" for job in ("detector", "recogniser", "swapper")]
+        if self.enhancer:
+            parts.append(f"enhancer={self.enhancer}")
+        return " ".join(parts)
+
+
+@dataclass
+class Models:
+    """The loaded set. ``detector`` None means the embedded BlazeFace (FaceAnalyser's own);
+    the recogniser is loaded on first use (only reference mode and re-identification need
+    it, and dlib's costs a second to load)."""
+
+    choice: ModelChoice
+    detector: Any | None
+    swapper: Any
+    enhancer: FaceEnhancer | None
+    _recogniser: Recogniser | None = None
+
+    @property
+    def recogniser(self) -> Recogniser:
+        if self._recogniser is None:
+            self._recogniser = load_recogniser(self.choice)
+        return self._recogniser
+
+
+def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) -> Models:
+    """Every model ``choice`` names, loaded now so a missing or broken file fails at start,
+    not at the first face."""
+    from facecast.swap.mesh_swapper import MeshSwapper
+
+    detector = None
+    if choice.detector != EMBEDDED["detector"]:
+        from facecast.faces.detect_onnx import detector_for
+
+        detector = detector_for(open_model(choice, "detector", choice.detector))
+    recogniser = None
+    if choice.swapper == EMBEDDED["swapper"]:
+        swapper: Any = MeshSwapper(swap_options)
+    else:
+        from facecast.swap.inswapper import InswapperSwapper
+
+        model = open_model(choice, "swapper", choice.swapper)
+        # the inswapper latent is an ArcFace embedding, whatever recognises identities
+        arcface = load_recogniser(choice, require_arcface=True)
+        recogniser = arcface if choice.recogniser != EMBEDDED["recogniser"] else None
+        swapper = InswapperSwapper(model, arcface, swap_options)  # type: ignore[arg-type]
+    enhancer = None
+    if choice.enhancer:
+        from facecast.swap.enhance import FaceEnhancer
+
+        enhancer = FaceEnhancer(open_model(choice, "enhancer", choice.enhancer))
+    if choice != ModelChoice(runtime=choice.runtime):
+        log.info("models: %s", choice.describe())
+    return Models(choice, detector, swapper, enhancer, recogniser)
+
+
+def load_recogniser(choice: ModelChoice, require_arcface: bool = False) -> Recogniser:
+    """The identity model: dlib (embedded) or ArcFace from the models folder. The inswapper
+    needs ArcFace even when identities are told apart by dlib."""
+    name = choice.recogniser
+    if name == EMBEDDED["recogniser"]:
+        if not require_arcface:
+            from facecast.faces.embed import FaceEmbedder
+
+            return FaceEmbedder()
+        name = "arcface"
+    from facecast.faces.recognise import ArcFaceRecogniser
+
+    return ArcFaceRecogniser(open_model(choice, "recogniser", name))
+
+
+def open_model(choice: ModelChoice, kind: str, wanted: str) -> OnnxModel:
+    """The ONNX file for ``kind`` named ``wanted`` (a family or a file name)."""
+    folder = usermodels.models_dir(choice.models_dir)
+    if folder is None:
+        raise FacecastError(
+            f"the {kind} {wanted!r} is a model file you supply: put it in a folder and name "
+            "that folder with --models-dir (or FACECAST_MODELS_DIR)"
+        )
+    family = wanted if wanted in usermodels.FAMILIES.get(kind, ()) else None
+    found = usermodels.require(
+        scan_folder(folder), kind, family=family, name=None if family else wanted
+    )
+    log.info("%s: %s (%s, by %s)", kind, found.file, found.family, found.identified_by)
+    return OnnxModel(found.path, choice.runtime)
+
+
+def scan_folder(folder: Path) -> list[usermodels.FoundModel]:
+    """``usermodels.scan``, remembered while the folder's files are unchanged: every stream
+    that starts would otherwise hash every model again (about a second per large file)."""
+    listing = tuple(
+        (str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in usermodels.model_files(folder)
+    )
+    return _scan(folder, listing)
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(folder: Path, listing: tuple) -> list[usermodels.FoundModel]:
+    return usermodels.scan(folder)
