@@ -360,6 +360,7 @@ class LivePipeline:
 def engine_options(settings: StreamSettings) -> EngineOptions:
     """What a live stream's engine does, from its settings (the bench uses it too)."""
     from facecast.faces.select import Selection
+    from facecast.modelset import ModelChoice
     from facecast.swap.mesh_swapper import SwapOptions
 
     try:
@@ -372,6 +373,7 @@ def engine_options(settings: StreamSettings) -> EngineOptions:
         label=settings.label,
         detect_every=settings.detect_every,
         temporal=True,  # cuts reset, track ids (index:N, references), steady mesh and colour
+        models=ModelChoice.from_settings(settings),
     )
 
 

@@ -69,6 +69,11 @@ class Profile:
     blend: str = "feather"
     # reference mode: (photo of a person to swap, the face they get; None = ``source``)
     references: tuple[Reference, ...] = ()
+    # models for this key only (detector, recogniser, swapper, enhancer), over serve's own
+    models: tuple[tuple[str, str], ...] = ()
+
+
+MODEL_FIELDS = ("detector", "recogniser", "swapper", "enhancer")
 
 
 def load_profiles(path: Path) -> dict[str, Profile]:
@@ -86,7 +91,7 @@ def load_profiles(path: Path) -> dict[str, Profile]:
         where = f"{path}: profile {key!r}"
         if not isinstance(entry, dict) or "source" not in entry:
             raise FacecastError(f"{where}: needs at least `source: PHOTO`")
-        unknown = set(entry) - {"source", "faces", "blend", "references"}
+        unknown = set(entry) - {"source", "faces", "blend", "references", *MODEL_FIELDS}
         if unknown:
             raise FacecastError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
         source = Path(entry["source"])
@@ -96,6 +101,7 @@ def load_profiles(path: Path) -> dict[str, Profile]:
             str(entry.get("faces", "all")),
             str(entry.get("blend", "feather")),
             _load_references(entry.get("references"), path.parent, where),
+            tuple((job, str(entry[job])) for job in MODEL_FIELDS if entry.get(job)),
         )
         try:
             Selection.parse(profile.faces)
@@ -246,6 +252,7 @@ class Service:
                 "faces": p.faces,
                 "blend": p.blend,
                 "references": _reference_names(p),
+                **dict(p.models),
             }
             for key, p in sorted(self.profiles.items())
         }
@@ -269,7 +276,8 @@ class Service:
         await run_in_threadpool(_require_face, image, name)
         path = self._store(image)
         old = self.profiles.get(key)
-        self.profiles[key] = Profile(path, faces, blend, old.references if old else ())
+        kept = (old.references, old.models) if old else ((), ())
+        self.profiles[key] = Profile(path, faces, blend, *kept)
         log.info("profile %s: set through the API", key)
         return {"key": key, "faces": faces, "blend": blend}
 
@@ -344,6 +352,7 @@ class Service:
                 "faces": profile.faces,
                 "blend": profile.blend,
                 "references": list(profile.references),
+                **dict(profile.models),
                 "input": self.ingest.rtmp_url("live", key),
                 "output": self.ingest.rtmp_url("swapped", key),
                 "realtime": False,

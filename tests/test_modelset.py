@@ -20,15 +20,20 @@ from .test_cli import facecast
 FLAT_RGB = (0.2, 0.6, 0.3)  # what the inswapper stand-in paints over the aligned face
 
 
-@pytest.fixture(scope="module")
-def models_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
+def make_models_folder(folder):
+    """Stand-ins for w600k_r50 (ArcFace) and inswapper_128 (paints FLAT_RGB) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(6)
     weight = rng.normal(0, 0.05, (3 * 14 * 14, 512))
     arcface_model(folder / "w600k_r50.onnx", weight, rng.normal(0, 0.01, 512))
     emap = rng.normal(0, 1 / np.sqrt(512), (512, 512))
     inswapper_model(folder / "inswapper_128.onnx", emap, flat_colour=FLAT_RGB)
     return folder
+
+
+@pytest.fixture(scope="module")
+def models_folder(tmp_path_factory):
+    return make_models_folder(tmp_path_factory.mktemp("models"))
 
 
 def face_core_spread(engine: SwapEngine, image: np.ndarray) -> float:
@@ -152,3 +157,62 @@ def load_output(path) -> np.ndarray:
     import cv2
 
     return cv2.imread(str(path)).astype(np.int16)
+
+
+def test_a_user_detector_feeds_the_mesh_and_the_swap(tmp_path):
+    """A YOLO-face stand-in reports the two faces of two_people.jpg (where the embedded
+    analyser finds them, boxes 15 % larger as these detectors draw them): the mesh stage
+    takes its faces, and both are swapped."""
+    from facecast.faces.align import five_points
+    from facecast.faces.analyse import FaceAnalyser
+
+    from .onnx_helpers import constant_model
+    from .test_detect_onnx import fit_scale
+
+    photo = load("two_people.jpg")
+    truth = FaceAnalyser(tiles=True).analyse(photo)
+    assert len(truth) == 2
+    scale = fit_scale(photo, 640, 640)
+    rows = np.zeros((20, 8400))
+    for column, face in zip((100, 5000), truth, strict=True):
+        centre = (face.box[:2] + face.box[2:]) / 2 * scale
+        rows[0:2, column] = centre
+        rows[2:4, column] = (face.box[2:] - face.box[:2]) * 1.15 * scale
+        rows[4, column] = 0.9
+        points = five_points(face) * scale
+        rows[5:, column] = np.concatenate([points, np.full((5, 1), 0.9)], axis=1).reshape(-1)
+    constant_model(tmp_path / "yoloface_8n.onnx", {"images": [1, 3, 640, 640]}, {"out": rows[None]})
+
+    engine = SwapEngine(
+        EngineOptions(label=False, models=ModelChoice(models_dir=tmp_path, detector="yoloface"))
+    )
+    engine.load_source(photo)  # the stand-in sees the same two faces in any image
+    image = photo.copy()
+    result = engine.process(image)
+    assert (result.faces, result.swapped) == (2, 2)
+    for found, expected in zip(
+        sorted(engine.last_faces, key=lambda f: f.center[0]),
+        sorted(truth, key=lambda f: f.center[0]),
+        strict=True,
+    ):
+        assert found.mesh is not None and found.mesh_score > 0.5
+        assert np.abs(found.center - expected.center).max() < 0.1 * expected.width
+
+
+def test_stream_takes_the_model_flags(tmp_path, models_folder):
+    """`facecast stream` with a user swapper on a file input: the engine loads it (its log
+    line says which file) and every frame comes out."""
+    from .media_helpers import make_still_face_video
+
+    clip = make_still_face_video(tmp_path / "still.mp4", frames=10, audio=False)
+    out = tmp_path / "out.mp4"
+    done = facecast(
+        "stream", "-s", MEDIA / "alex-lacamoire.png", "-i", clip, "-o", out, "--no-label",
+        "--models-dir", models_folder, "--swapper", "inswapper", timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "swapper: inswapper_128.onnx" in done.stderr
+    import av
+
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 10

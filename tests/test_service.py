@@ -377,3 +377,37 @@ def test_profile_references_reach_the_stream_pipeline(api):
     assert len(pipeline.engine.references) == 2
     assert not pipeline.source.connected and pipeline.sink is None
     assert not port_accepts(svc.ingest.rtmp_port)  # nothing was started to connect to
+
+
+def test_each_key_can_run_its_own_swapper(tmp_path):
+    """One process, two keys: carol on the embedded swapper, dave on a user model from the
+    models folder that serve was given (FACECAST_MODELS_DIR); unknown model jobs refused."""
+    from facecast.config import StreamSettings
+
+    from .test_modelset import make_models_folder
+
+    folder = make_models_folder(tmp_path / "models")
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        f"carol:\n  source: {MEDIA / 'obama.jpg'}\n"
+        f"dave:\n  source: {MEDIA / 'biden.jpg'}\n  swapper: inswapper\n  recogniser: arcface\n"
+    )
+    http_port, rtmp_port, hls_port = free_ports(3)
+    svc = Service(
+        load_profiles(path),
+        token=None,
+        http_port=http_port,
+        rtmp_port=rtmp_port,
+        hls_port=hls_port,
+        prefix=tmp_path / "ingest",
+        base=StreamSettings(models_dir=folder),
+    )
+    carol = build_pipeline(svc.settings_for("carol"), name="carol").engine
+    dave = build_pipeline(svc.settings_for("dave"), name="dave").engine
+    assert type(carol.swapper).__name__ == "MeshSwapper"
+    assert type(dave.swapper).__name__ == "InswapperSwapper"
+    assert dave.models.recogniser is dave.swapper.recogniser  # one ArcFace for both jobs
+
+    path.write_text(f"erin:\n  source: {MEDIA / 'obama.jpg'}\n  upscaler: x\n")
+    with pytest.raises(FacecastError, match="unknown fields upscaler"):
+        load_profiles(path)
