@@ -397,6 +397,36 @@ def serve(
 
 
 @app.command()
+def web(
+    host: Annotated[str, typer.Option(help="HTTP listen address (loopback without a token).")] = (
+        "0.0.0.0"
+    ),
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    max_sessions: Annotated[int, typer.Option(help="Browser sessions open at once.")] = 4,
+) -> None:
+    """The browser page alone: camera in, swapped video back over WebRTC, at
+    http://HOST:PORT/web/. Token: FACECAST_API_TOKEN."""
+    import os
+    import threading
+
+    from facecast.config import StreamSettings
+    from facecast.live import _stop_on_signals, engine_options
+    from facecast.web import WebServer
+    from facecast.webrtc import WebSessions
+
+    try:
+        sessions = WebSessions(engine_options(StreamSettings()), limit=max_sessions)
+        server = WebServer(
+            sessions, token=os.environ.get("FACECAST_API_TOKEN") or None, host=host, port=port
+        )
+        stop = threading.Event()
+        with _stop_on_signals(stop):
+            server.run(stop)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
 def models(
     check: Annotated[bool, typer.Option("--check", help="Exit 2 if any file is bad.")] = False,
     models_dir: ModelsDirFlag = None,

@@ -42,6 +42,7 @@ from facecast.errors import FacecastError
 from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.select import Selection
 from facecast.ingest import IngestServer
+from facecast.live import engine_options
 from facecast.server import (
     LOOPBACK,
     MAX_UPLOAD_BYTES,
@@ -53,6 +54,8 @@ from facecast.server import (
     read_limited,
 )
 from facecast.streams import StreamManager, UnknownStreamError
+from facecast.web import mount_web
+from facecast.webrtc import WebSessions
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +185,9 @@ class Service:
             rtmp_port, hls_port, prefix, on_publish_url=hook, listen=self.host
         )
         self.app = create_app(self.manager, token, max_upload)
+        # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
+        self.web = WebSessions(engine_options(self.base))
+        mount_web(self.app, self.web, token, max_upload)
         self.app.add_api_route("/hooks/rtmp", self._rtmp_hook, methods=["POST"])
         self.app.add_api_route(
             "/api/profiles/{key}",
@@ -233,6 +239,7 @@ class Service:
     def stop(self) -> None:
         """Stop every stream (each flushes its output), then nginx, then the HTTP plane."""
         self.manager.stop_all()
+        self.web.close_all_blocking()  # on the HTTP loop, so before the HTTP plane stops
         self.ingest.stop()
         if self._http is not None:
             self._http.should_exit = True

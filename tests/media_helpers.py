@@ -331,3 +331,72 @@ def video_frame_times(path: str | Path) -> list[float]:
     """Presentation times (s) of every video frame, in display order."""
     info = ffprobe(path, "-select_streams", "v:0", "-show_entries", "frame=pts_time")
     return [float(f["pts_time"]) for f in info["frames"]]
+
+
+# ---------------------------------------------------------------------------- fake camera
+
+
+def swaying_face_frames(
+    photo: str = "lin-manuel-miranda.png",
+    size: tuple[int, int] = (640, 360),
+    frames: int = 45,
+    background: str = "group_t1.jpg",
+) -> list[np.ndarray]:
+    """A face at ~70 % of the frame height swaying a little around the centre, as a person
+    in front of a webcam does. One full period, so a player that loops it never jumps."""
+    width, height = size
+    head = head_crop(photo)
+    bg = blurred_background(size, background)
+    images = []
+    for i in range(frames):
+        phase = 2 * np.pi * i / frames
+        patch = _scaled(head, height * (0.70 + 0.03 * np.sin(phase)))
+        canvas = bg.copy()
+        paste_soft(canvas, patch, width * (0.5 + 0.03 * np.sin(phase)), height * 0.52)
+        images.append(canvas)
+    return images
+
+
+def write_y4m(path: str | Path, images: Iterable[np.ndarray], fps: int = 15) -> Path:
+    """Raw 4:2:0 YUV4MPEG2 from BGR images: what Chromium's fake camera reads
+    (``--use-file-for-fake-video-capture``; it loops the file). PyAV's swscale does the
+    conversion (BT.601, limited range, as a camera's I420)."""
+    path = Path(path)
+    frames = list(images)
+    height, width = frames[0].shape[:2]
+    if width % 2 or height % 2:
+        raise ValueError("4:2:0 needs even width and height")
+    with path.open("wb") as out:
+        out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420mpeg2\n".encode())
+        for image in frames:
+            if image.shape[:2] != (height, width):
+                raise ValueError("every frame must have the first frame's size")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
+            planes = frame.reformat(format="yuv420p").to_ndarray()  # (h * 3 / 2, w): Y, U, V
+            out.write(b"FRAME\n")
+            out.write(np.ascontiguousarray(planes).tobytes())
+    return path
+
+
+def read_y4m(path: str | Path) -> list[np.ndarray]:
+    """The frames of a 4:2:0 YUV4MPEG2 file as BGR (OpenCV's I420 conversion, so reading
+    back does not go through the writer's code)."""
+    data = Path(path).read_bytes()
+    header_end = data.index(b"\n")
+    fields = data[:header_end].split()
+    if fields[0] != b"YUV4MPEG2":
+        raise ValueError(f"{path}: not a YUV4MPEG2 file")
+    width = int(next(f[1:] for f in fields if f.startswith(b"W")))
+    height = int(next(f[1:] for f in fields if f.startswith(b"H")))
+    frame_bytes = width * height * 3 // 2
+    images = []
+    at = header_end + 1
+    while at < len(data):
+        line_end = data.index(b"\n", at)
+        if not data[at:line_end].startswith(b"FRAME"):
+            raise ValueError(f"{path}: bad frame header at byte {at}")
+        start = line_end + 1
+        raw = np.frombuffer(data[start : start + frame_bytes], np.uint8)
+        images.append(cv2.cvtColor(raw.reshape(height * 3 // 2, width), cv2.COLOR_YUV2BGR_I420))
+        at = start + frame_bytes
+    return images
