@@ -196,6 +196,7 @@ class LivePipeline:
                 thread.join(10)
             if self.sink is not None:
                 self.sink.close()
+            self.engine.close()
         self.log_status()
         if self._errors:
             raise self._errors[0]

@@ -83,6 +83,15 @@ class Models:
             self._recogniser = load_recogniser(self.choice)
         return self._recogniser
 
+    def release(self) -> None:
+        """The stream is over: its ONNX sessions are freed (``moderate``), kept for the next
+        stream (``tolerant``) or already gone (``strict``). The next call would reopen them."""
+        parts = (self.detector, self.swapper, getattr(self.swapper, "recogniser", None))
+        for part in (*parts, self.enhancer, self._recogniser):
+            model = getattr(part, "model", None)
+            if isinstance(model, OnnxModel):
+                model.release()
+
 
 def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) -> Models:
     """Every model ``choice`` names, loaded now so a missing or broken file fails at start,
@@ -93,14 +102,15 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
     if choice.detector != EMBEDDED["detector"]:
         from facecast.faces.detect_onnx import detector_for
 
-        detector = detector_for(open_model(choice, "detector", choice.detector))
+        model, family = open_model(choice, "detector", choice.detector)
+        detector = detector_for(model, family=family)
     recogniser = None
     if choice.swapper == EMBEDDED["swapper"]:
         swapper: Any = MeshSwapper(swap_options)
     else:
         from facecast.swap.inswapper import InswapperSwapper
 
-        model = open_model(choice, "swapper", choice.swapper)
+        model, _ = open_model(choice, "swapper", choice.swapper)
         # the inswapper latent is an ArcFace embedding, whatever recognises identities
         arcface = load_recogniser(choice, require_arcface=True)
         recogniser = arcface if choice.recogniser != EMBEDDED["recogniser"] else None
@@ -109,7 +119,7 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
     if choice.enhancer:
         from facecast.swap.enhance import FaceEnhancer
 
-        enhancer = FaceEnhancer(open_model(choice, "enhancer", choice.enhancer))
+        enhancer = FaceEnhancer(open_model(choice, "enhancer", choice.enhancer)[0])
     if choice != ModelChoice(runtime=choice.runtime):
         log.info("models: %s", choice.describe())
     return Models(choice, detector, swapper, enhancer, recogniser)
@@ -127,11 +137,12 @@ def load_recogniser(choice: ModelChoice, require_arcface: bool = False) -> Recog
         name = "arcface"
     from facecast.faces.recognise import ArcFaceRecogniser
 
-    return ArcFaceRecogniser(open_model(choice, "recogniser", name))
+    return ArcFaceRecogniser(open_model(choice, "recogniser", name)[0])
 
 
-def open_model(choice: ModelChoice, kind: str, wanted: str) -> OnnxModel:
-    """The ONNX file for ``kind`` named ``wanted`` (a family or a file name)."""
+def open_model(choice: ModelChoice, kind: str, wanted: str) -> tuple[OnnxModel, str | None]:
+    """The ONNX file for ``kind`` named ``wanted`` (a family or a file name), opened, and
+    the family it was identified as."""
     folder = usermodels.models_dir(choice.models_dir)
     if folder is None:
         raise FacecastError(
@@ -143,7 +154,7 @@ def open_model(choice: ModelChoice, kind: str, wanted: str) -> OnnxModel:
         scan_folder(folder), kind, family=family, name=None if family else wanted
     )
     log.info("%s: %s (%s, by %s)", kind, found.file, found.family, found.identified_by)
-    return OnnxModel(found.path, choice.runtime)
+    return OnnxModel(found.path, choice.runtime), found.family
 
 
 def scan_folder(folder: Path) -> list[usermodels.FoundModel]:

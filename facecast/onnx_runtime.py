@@ -8,9 +8,10 @@ one place:
   onnxruntime build lacks is skipped with one log line naming it and what runs instead.
   CPU always ends the list, so a session can always be made.
 - ``fp16`` asks TensorRT for half-precision engines (CUDA runs the graph's own precision).
-- the memory strategy says when a session exists: ``tolerant`` keeps it from the first use
-  to the end (fastest), ``moderate`` creates it on first use and lets the owner ``release()``
-  it when a stream ends, ``strict`` releases it after every call (least memory, slowest).
+- the memory strategy says when a session exists: ``tolerant`` keeps one per file for the
+  whole process, shared by every stream and kept after a stream ends (no reload when it
+  starts again); ``moderate`` (default) gives each stream its own, freed when the stream
+  ends; ``strict`` frees it after every call (least memory, slowest).
 """
 
 from __future__ import annotations
@@ -129,33 +130,26 @@ def load_onnx(path: Path) -> Any:
 
 
 class OnnxModel:
-    """One ONNX file run through onnxruntime, created per the memory strategy. Thread-safe:
-    one engine per stream, but a session may be shared read-only."""
+    """One ONNX file run through onnxruntime, its session kept per the memory strategy.
+    The signature (names, shapes, element types) is read once, when the model is opened,
+    which also fails fast on a bad file. Sessions are thread-safe for ``run``."""
 
     def __init__(self, path: Path, options: RuntimeOptions | None = None) -> None:
         self.path = Path(path)
         self.options = options or RuntimeOptions()
         self._session: Any = None
         self._lock = threading.Lock()
-        if self.options.memory != "strict":
-            self._ensure()  # fail fast on a bad file; "moderate" may release it later
-        else:
-            self._check_readable()
-
-    # -- signature, without keeping a session
-
-    @property
-    def inputs(self) -> list[tuple[str, list[int | str | None]]]:
-        return [(i.name, list(i.shape)) for i in self._meta().get_inputs()]
-
-    @property
-    def outputs(self) -> list[tuple[str, list[int | str | None]]]:
-        return [(o.name, list(o.shape)) for o in self._meta().get_outputs()]
-
-    @property
-    def input_types(self) -> dict[str, str]:
-        """Element type per input, as onnxruntime names it (``tensor(float16)``...)."""
-        return {i.name: i.type for i in self._meta().get_inputs()}
+        session = self._ensure()
+        self.inputs: list[tuple[str, list[int | str | None]]] = [
+            (i.name, list(i.shape)) for i in session.get_inputs()
+        ]
+        self.outputs: list[tuple[str, list[int | str | None]]] = [
+            (o.name, list(o.shape)) for o in session.get_outputs()
+        ]
+        # element type per input, as onnxruntime names it (``tensor(float16)``...)
+        self.input_types: dict[str, str] = {i.name: i.type for i in session.get_inputs()}
+        if self.options.memory == "strict":
+            self.release()
 
     @property
     def providers(self) -> list[str]:
@@ -167,8 +161,7 @@ class OnnxModel:
         declares (fp16 exports take float16, CodeFormer's weight a double), and float16
         outputs come back as float32."""
         session = self._ensure()
-        declared = {i.name: i.type for i in session.get_inputs()}
-        feeds = {name: as_declared(value, declared.get(name, "")) for name, value in feeds.items()}
+        feeds = {name: as_declared(v, self.input_types.get(name, "")) for name, v in feeds.items()}
         try:
             results = session.run(outputs, feeds)
             return [
@@ -182,39 +175,47 @@ class OnnxModel:
                 self.release()
 
     def release(self) -> None:
-        """Free the session (GPU memory with it); the next call creates it again."""
+        """This model is done with its session (the stream ended, or strict memory after a
+        call); the next call makes or fetches one again. ``tolerant`` sessions stay in the
+        process-wide cache for the next stream."""
         with self._lock:
             self._session = None
-
-    def _meta(self) -> Any:
-        session = self._ensure()
-        if self.options.memory == "strict":
-            self.release()  # the caller keeps this one for its question, not the model
-        return session
-
-    def _check_readable(self) -> None:
-        self._ensure()
-        self.release()
 
     def _ensure(self) -> Any:
         with self._lock:
             if self._session is None:
-                self._session = self._create()
+                if self.options.memory == "tolerant":
+                    self._session = _shared_session(self.path, self.options)
+                else:
+                    self._session = _create_session(self.path, self.options)
             return self._session
 
-    def _create(self) -> Any:
-        import onnxruntime
 
-        if not self.path.is_file():
-            raise ModelFileError(f"{self.path}: model file not found")
-        settings = onnxruntime.SessionOptions()
-        settings.log_severity_level = 3  # onnxruntime's own warnings go to our log, not stderr
-        if self.options.threads:
-            settings.intra_op_num_threads = self.options.threads
-        providers = resolve_providers(self.options.providers, self.options.fp16)
-        try:
-            return onnxruntime.InferenceSession(
-                str(self.path), sess_options=settings, providers=providers
-            )
-        except Exception as exc:
-            raise ModelFileError(f"{self.path}: onnxruntime cannot load it ({exc})") from None
+# ``tolerant``: one session per file and runtime settings for the whole process, so a stream
+# that starts again (or a second stream on the same model) pays no load
+_SHARED: dict[tuple[Path, RuntimeOptions], Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_session(path: Path, options: RuntimeOptions) -> Any:
+    key = (path.resolve(), options)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = _create_session(path, options)
+        return _SHARED[key]
+
+
+def _create_session(path: Path, options: RuntimeOptions) -> Any:
+    import onnxruntime
+
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    settings = onnxruntime.SessionOptions()
+    settings.log_severity_level = 3  # onnxruntime's own warnings go to our log, not stderr
+    if options.threads:
+        settings.intra_op_num_threads = options.threads
+    providers = resolve_providers(options.providers, options.fp16)
+    try:
+        return onnxruntime.InferenceSession(str(path), sess_options=settings, providers=providers)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: onnxruntime cannot load it ({exc})") from None

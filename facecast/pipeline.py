@@ -102,6 +102,10 @@ class SwapEngine:
         self.references: list[tuple[np.ndarray, Any]] = []
         self.last_swaps: list[tuple[Face, int | None]] = []  # (face, reference index)
 
+    def close(self) -> None:
+        """The stream or file is done: free what the models hold (see ``Models.release``)."""
+        self.models.release()
+
     def photo_faces(self, image: np.ndarray) -> list[Face]:
         """Faces in a still photo (a source or a reference), largest first."""
         # A photo gets its own tiled analyser: small faces are found, the cost is paid once,
@@ -352,6 +356,7 @@ def swap_video_file(
             if stats.frames == 0:
                 raise MediaError(f"{target}: no video frame could be decoded")
     clock.add("wall", time.perf_counter() - started)
+    engine.close()
     if stats.frames_without_face:
         log.info(
             "%d of %d frames had no face and passed through unchanged",

@@ -322,8 +322,9 @@ def _yoloface(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:
 
 def _scrfd(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:
     # per stride (8, 16, 32): scores (last dim 1), box distances (4), and in the "_kps"
-    # models five keypoints (10); some exports add one extra output
-    if not _image_input(ins) or len(outs) not in (6, 9, 10):
+    # models five keypoints (10); the 6-output models are listed, and refused by the adapter
+    # with the reason (no keypoints to align with)
+    if not _image_input(ins) or len(outs) not in (6, 9):
         return False
     last = _last_dims(outs)
     return last[1] >= 3 and last[4] >= 3 and (len(outs) == 6 or last[10] >= 3)

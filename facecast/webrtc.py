@@ -315,13 +315,13 @@ class WebSession:
             self.outbox.put_threadsafe(Swapped(out, received))
 
     def _swap(self, frame: VideoFrame, received: float) -> VideoFrame:
-        image = frame.to_ndarray(format="bgr24")
         engine = self.engine
-        faces = 0
-        # no face chosen yet, or swapping off: the camera frame goes back as it came
-        if self.swapping and engine.source is not None:
-            faces = engine.process(image, self.stats.clock, received).faces
-        self.stats.faces_last = faces
+        if not self.swapping or engine.source is None:
+            # no face chosen yet, or swapping off: the camera frame goes back as it came
+            self.stats.faces_last = 0
+            return frame
+        image = frame.to_ndarray(format="bgr24")
+        self.stats.faces_last = engine.process(image, self.stats.clock, received).faces
         # converted here, on this thread, so the encoder's thread gets what it encodes
         return VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
 
@@ -361,6 +361,8 @@ class WebSession:
             await asyncio.sleep(0.02)
         if self.worker.is_alive():
             log.warning("web session %s: the swap thread did not stop in time", self.id)
+        else:
+            self.engine.close()  # the worker no longer uses it
 
 
 # ---------------------------------------------------------------------------- all sessions

@@ -216,3 +216,36 @@ def test_stream_takes_the_model_flags(tmp_path, models_folder):
 
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 10
+
+
+def test_tolerant_sessions_outlive_a_stream_and_moderate_ones_do_not(models_folder):
+    """tolerant: one session per file for the process, reused by the next stream; moderate:
+    each stream's own, freed when it ends (SwapEngine.close)."""
+    kept = [
+        SwapEngine(
+            EngineOptions(
+                models=ModelChoice(
+                    models_dir=models_folder,
+                    swapper="inswapper",
+                    runtime=RuntimeOptions(memory=memory),
+                )
+            )
+        )
+        for memory in ("tolerant", "tolerant", "moderate")
+    ]
+    first, second, own = (engine.swapper.model for engine in kept)
+    assert first._session is second._session  # shared by two streams
+    assert own._session is not first._session
+    for engine in kept:
+        engine.close()
+    assert own._session is None and first._session is None
+    again = SwapEngine(
+        EngineOptions(
+            models=ModelChoice(
+                models_dir=models_folder,
+                swapper="inswapper",
+                runtime=RuntimeOptions(memory="tolerant"),
+            )
+        )
+    )
+    assert again.swapper.model._ensure() is second._ensure()  # still in the process cache

@@ -81,10 +81,14 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def five_points(face: Face) -> np.ndarray:
-    """The face's five alignment points (5x2, image pixels): a detector's own five points
-    when it gave them, else from the mesh, else from BlazeFace's keypoints (its one mouth
-    point stands in for both corners, spread by the eye distance)."""
-    if face.points5 is not None:
+    """The face's five alignment points (5x2, image pixels): from the mesh when there is
+    one, else a detector's own five points, else BlazeFace's keypoints (its one mouth point
+    stands in for both corners, spread by the eye distance).
+
+    The mesh comes first because video has it on every frame, smoothed per track; a
+    detector's points exist only on detection frames (every 3rd), and switching between
+    the two sources would make the aligned crop jump."""
+    if face.mesh is None and face.points5 is not None:
         return np.asarray(face.points5, np.float64)
     if face.mesh is not None:
         mesh = face.mesh[:, :2].astype(np.float64)

@@ -366,9 +366,18 @@ def scrfd_signature(
 
 
 def detector_for(
-    model: OnnxModel, min_score: float = 0.5, nms_iou: float = 0.4
+    model: OnnxModel, min_score: float = 0.5, nms_iou: float = 0.4, family: str | None = None
 ) -> OnnxFaceDetector:
-    """The adapter for a detector model, chosen by its input/output signature."""
+    """The adapter for a detector model: by ``family`` when the models folder already
+    identified the file (by its sha256 or signature, see usermodels.py), else chosen here by
+    its input/output signature."""
+    adapters = {
+        "scrfd": ScrfdDetector,
+        "retinaface": RetinaFaceDetector,
+        "yoloface": YoloFaceDetector,
+    }
+    if family in adapters:
+        return adapters[family](model, min_score, nms_iou)
     inputs, outputs = model.inputs, model.outputs
     if len(inputs) == 1 and is_image_input(inputs[0][1]):
         if scrfd_signature(outputs) or scrfd_signature(outputs, keypoints=False):
