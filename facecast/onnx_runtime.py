@@ -49,6 +49,11 @@ ONNX_TYPES: dict[str, type] = {
 }
 
 
+def fixed_dim(dim: int | str | None) -> int | None:
+    """A dimension's size when the model fixes it; None for a symbolic or unknown one."""
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
 def as_declared(value: np.ndarray, onnx_type: str) -> np.ndarray:
     """``value`` in the element type the model declares for it (unchanged if unknown)."""
     array = np.asarray(value)

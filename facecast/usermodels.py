@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from facecast.errors import FacecastError, ModelError
 from facecast.models import sha256_of
-from facecast.onnx_runtime import ModelFileError, load_onnx
+from facecast.onnx_runtime import ModelFileError, fixed_dim, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def _tensor(info: Any) -> Tensor:
 
 
 def is_static(dim: Dim) -> bool:
-    return isinstance(dim, int) and dim > 0
+    return fixed_dim(dim) is not None
 
 
 ANY = None  # a pattern entry that matches any size

@@ -25,7 +25,7 @@ import numpy as np
 
 from facecast.faces.detect import iou
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel
+from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim
 
 Shape = Sequence[int | str | None]
 
@@ -43,11 +43,6 @@ YOLO_ROWS = 20  # box (4), score (1), five keypoints as (x, y, visibility)
 
 
 # -- shared geometry
-
-
-def fixed_dim(dim: int | str | None) -> int | None:
-    """A dimension's size when the model fixes it; None for a symbolic or unknown one."""
-    return dim if isinstance(dim, int) and dim > 0 else None
 
 
 def input_size(shape: Shape, default: tuple[int, int] = DEFAULT_SIZE) -> tuple[int, int]:

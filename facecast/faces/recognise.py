@@ -16,7 +16,7 @@ import numpy as np
 
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel
+from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim
 
 ARCFACE_SIZE = 112
 # Cosine distance (1 - cosine similarity) below which two ArcFace embeddings are taken as one
@@ -59,10 +59,6 @@ def arcface_blob(crop: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((rgb - 127.5) / 127.5).transpose(2, 0, 1)[None])
 
 
-def _static(dim: int | str | None) -> int | None:
-    return dim if isinstance(dim, int) and dim > 0 else None
-
-
 class ArcFaceRecogniser:
     """512-D ArcFace embeddings from an ONNX model ([N,3,112,112] in, [N,512] out)."""
 
@@ -77,19 +73,19 @@ class ArcFaceRecogniser:
                 f"an embedding output, found inputs {[n for n, _ in inputs]}"
             )
         self.input_name, shape = inputs[0]
-        if len(shape) != 4 or _static(shape[1]) not in (3, None):
+        if len(shape) != 4 or fixed_dim(shape[1]) not in (3, None):
             raise ModelFileError(
                 f"{model.path.name}: not an ArcFace recogniser: input {self.input_name!r} has "
                 f"shape {shape}, expected [N, 3, 112, 112]"
             )
         # the crop size the model was exported for (112 for every public ArcFace)
-        sizes = {_static(shape[2]), _static(shape[3])} - {None}
+        sizes = {fixed_dim(shape[2]), fixed_dim(shape[3])} - {None}
         if len(sizes) > 1:
             raise ModelFileError(f"{model.path.name}: non-square ArcFace input {shape}")
         self.size = sizes.pop() if sizes else ARCFACE_SIZE
         self.template = arcface_template(self.size)
         out_shape = outputs[0][1]
-        self.dim = _static(out_shape[-1]) if out_shape else None  # None: known after a run
+        self.dim = fixed_dim(out_shape[-1]) if out_shape else None  # None: known after a run
 
     def crop(self, image: np.ndarray, face: Face) -> np.ndarray:
         """The aligned face the model sees (BGR)."""

@@ -15,7 +15,7 @@ import numpy as np
 from facecast.errors import FacecastError
 from facecast.faces.align import align_crop, ffhq_template, five_points, paste_back
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel
+from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim
 
 DEFAULT_SIZE = 512
 # CodeFormer's fidelity weight (0: strongest restoration, 1: closest to the input). 0.5 is
@@ -52,8 +52,7 @@ class FaceEnhancer:
                 "and at most one scalar weight)"
             )
         self.image_input, shape = images[0]
-        side = shape[-1]
-        self.size = side if isinstance(side, int) and side > 0 else DEFAULT_SIZE
+        self.size = fixed_dim(shape[-1]) or DEFAULT_SIZE
         self.weight: dict[str, np.ndarray] = {}
         if others:
             name, shape = others[0]

@@ -32,7 +32,7 @@ import numpy as np
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.face import Face
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
-from facecast.onnx_runtime import ModelFileError, OnnxModel, load_onnx
+from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
 from facecast.swap import blend
 from facecast.swap.mesh_swapper import TARGET_OCCLUDER_DISTANCE, MeshSwapper, SwapOptions
 from facecast.timing import StageClock
@@ -164,13 +164,13 @@ class InswapperSwapper:
                 f" (found {list(inputs)}; expected {expected})"
             )
         target, source = inputs["target"], inputs["source"]
-        sizes = {d for d in target[2:] if isinstance(d, int) and d > 0}
+        sizes = {fixed_dim(d) for d in target[2:]} - {None}
         channels = target[1] if len(target) == 4 and isinstance(target[1], int) else 3
         if len(target) != 4 or channels != 3 or len(sizes) > 1 or len(source) != 2:
             raise ModelFileError(
                 f"{name}: inputs 'target' {target} and 'source' {source}; expected {expected}"
             )
-        latent = source[1] if isinstance(source[1], int) and source[1] > 0 else LATENT_SIZE
+        latent = fixed_dim(source[1]) or LATENT_SIZE
         if not model.outputs:
             raise ModelFileError(f"{name}: the model has no output")
         out_name, out_shape = model.outputs[0]
