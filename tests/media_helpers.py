@@ -400,3 +400,29 @@ def read_y4m(path: str | Path) -> list[np.ndarray]:
         images.append(cv2.cvtColor(raw.reshape(height * 3 // 2, width), cv2.COLOR_YUV2BGR_I420))
         at = start + frame_bytes
     return images
+
+
+# ---------------------------------------------------------------------------- identity
+
+
+def identity_distances(
+    analyser, embedder, frames: Sequence[np.ndarray], refs: dict, min_share: float = 0.0
+) -> dict[str, float]:
+    """Per named reference embedding, the median identity distance of the largest face in
+    ``frames`` to it (the swap checks: nearer the source than the original face). At least
+    one frame, and ``min_share`` of them, must show a face."""
+    from facecast.faces.embed import face_distance
+
+    embeddings = []
+    for image in frames:
+        faces = analyser.analyse(image)
+        if faces:
+            embeddings.append(embedder.embed(image, faces[0]))
+    assert embeddings, "no face in any frame"
+    assert len(embeddings) >= min_share * len(frames), (
+        f"a face in only {len(embeddings)} of {len(frames)} frames"
+    )
+    return {
+        name: float(np.median([face_distance(e, ref) for e in embeddings]))
+        for name, ref in refs.items()
+    }

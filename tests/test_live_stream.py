@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from facecast.faces.embed import face_distance
 from facecast.ingest import free_port
 from tests import live_helpers
 from tests.live_helpers import codecs, grab_frames, probe, publish, stop_process, wait_for_stream
 
 from .conftest import MEDIA, REPO, load
+from .media_helpers import identity_distances
 
 ingest_server = live_helpers.ingest_server
 live_procs = live_helpers.live_procs
@@ -73,25 +73,9 @@ def grab_face_frames(url: str, analyser, n: int, timeout: float) -> list:
     return grab_frames(url, n, timeout, keep=lambda image: bool(analyser.analyse(image)))
 
 
-def face_distances_to_sources(analyser, embedder, frames, sources: dict) -> dict:
-    """Per named source embedding, the median identity distance of the largest face in
-    ``frames`` to it."""
-    embeddings = []
-    for image in frames:
-        faces = analyser.analyse(image)
-        if faces:
-            embeddings.append(embedder.embed(image, faces[0]))
-    assert embeddings, "no face in any grabbed frame"
-    medians = {}
-    for name, source in sources.items():
-        distances = sorted(face_distance(e, source) for e in embeddings)
-        medians[name] = distances[len(distances) // 2]
-    return medians
-
-
 def face_distance_to_source(analyser, embedder, frames, source_embedding) -> float:
     """Median identity distance of the largest faces in ``frames`` to the source photo."""
-    return face_distances_to_sources(analyser, embedder, frames, {"": source_embedding})[""]
+    return identity_distances(analyser, embedder, frames, {"": source_embedding})[""]
 
 
 def test_rtmp_in_rtmp_out_swaps_faces_and_keeps_audio(

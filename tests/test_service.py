@@ -26,7 +26,8 @@ from tests import live_helpers
 from tests.live_helpers import publish, wait_for_stream
 
 from .conftest import MEDIA, REPO
-from .test_live_stream import face_distances_to_sources, grab_face_frames
+from .media_helpers import identity_distances
+from .test_live_stream import grab_face_frames
 
 live_procs = live_helpers.live_procs
 
@@ -81,7 +82,7 @@ def test_two_keys_each_get_their_own_face_and_the_api_changes_only_one(
 
     def distances(key: str) -> dict[str, float]:
         frames = grab_face_frames(service.ingest.rtmp_url("swapped", key), analyser, 12, 40)
-        return face_distances_to_sources(analyser, embedder, frames, faces)
+        return identity_distances(analyser, embedder, frames, faces)
 
     alice, bob = distances("alice"), distances("bob")
     print("alice", alice, "bob", bob)

@@ -20,11 +20,10 @@ import httpx
 import numpy as np
 import pytest
 
-from facecast.faces.embed import face_distance
 from facecast.ingest import free_port
 from facecast.web import WebServer
 from facecast.webrtc import WebSessions
-from tests.media_helpers import read_y4m, swaying_face_frames, write_y4m
+from tests.media_helpers import identity_distances, read_y4m, swaying_face_frames, write_y4m
 
 from .conftest import MEDIA, REPO, load
 
@@ -204,20 +203,6 @@ def grab_frames(page, n: int, gap_s: float = 0.25) -> list[np.ndarray]:
     return frames
 
 
-def distances(frames, refs: dict, analyser, embedder) -> dict[str, float]:
-    """Median identity distance of the largest face in ``frames`` to each reference."""
-    embeddings = []
-    for image in frames:
-        faces = analyser.analyse(image)
-        if faces:
-            embeddings.append(embedder.embed(image, faces[0]))
-    assert len(embeddings) >= len(frames) // 2, "no face in most grabbed frames"
-    return {
-        name: float(np.median([face_distance(e, ref) for e in embeddings]))
-        for name, ref in refs.items()
-    }
-
-
 def number(page, selector: str, timeout_ms: int = 15_000) -> float:
     """The number an on-screen stat shows, once it shows one."""
     page.wait_for_function(
@@ -263,7 +248,7 @@ def test_page_connects_shows_stats_and_swaps_the_face(
     grabbed = grab_frames(page, 5)
     cv2.imwrite(str(artifacts / "web_remote_frame.png"), grabbed[-1])
     page.screenshot(path=str(artifacts / "web_page.png"), full_page=True)
-    d = distances(grabbed, identities, analyser, embedder)
+    d = identity_distances(analyser, embedder, grabbed, identities, min_share=0.5)
     print("distances from the received video:", d)
     assert d[SAMPLE] < d["camera"]
     assert d[SAMPLE] < d[UPLOAD]
@@ -275,7 +260,7 @@ def test_page_connects_shows_stats_and_swaps_the_face(
     page.uncheck("#swapping")
     wait_until(lambda: sessions(server)[0]["swapping"] is False, 5, "swapping off")
     time.sleep(0.5)
-    d_off = distances(grab_frames(page, 3), identities, analyser, embedder)
+    d_off = identity_distances(analyser, embedder, grab_frames(page, 3), identities, min_share=0.5)
     print("distances with swapping off:", d_off)
     assert d_off["camera"] < d_off[SAMPLE]
 
@@ -301,8 +286,12 @@ def test_two_sessions_at_once_get_their_own_faces(server, new_page, identities, 
     assert status(second) == "connected"
     time.sleep(1.0)
 
-    d_first = distances(grab_frames(first, 4), identities, analyser, embedder)
-    d_second = distances(grab_frames(second, 4), identities, analyser, embedder)
+    d_first = identity_distances(
+        analyser, embedder, grab_frames(first, 4), identities, min_share=0.5
+    )
+    d_second = identity_distances(
+        analyser, embedder, grab_frames(second, 4), identities, min_share=0.5
+    )
     print("first (obama):", d_first, "second (biden upload):", d_second)
     assert d_first[SAMPLE] < d_first[UPLOAD] and d_first[SAMPLE] < d_first["camera"]
     assert d_second[UPLOAD] < d_second[SAMPLE] and d_second[UPLOAD] < d_second["camera"]

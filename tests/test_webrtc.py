@@ -31,7 +31,6 @@ from aiortc import (
 )
 from av import VideoFrame
 
-from facecast.faces.embed import face_distance
 from facecast.ingest import free_port
 from facecast.media.image_io import read_image
 from facecast.service import Service
@@ -39,7 +38,7 @@ from facecast.web import WebServer
 from facecast.webrtc import WebSessions
 
 from .conftest import MEDIA, REPO
-from .media_helpers import _scaled, blurred_background, head_crop, paste_soft
+from .media_helpers import _scaled, blurred_background, head_crop, identity_distances, paste_soft
 
 TOKEN = "web-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -218,20 +217,6 @@ def identities(analyser, embedder) -> dict[str, np.ndarray]:
     return out
 
 
-def distances(analyser, embedder, frames, identities) -> dict[str, float]:
-    """Median identity distance of the largest face in ``frames`` to each person."""
-    embeddings = []
-    for image in frames:
-        faces = analyser.analyse(image)
-        if faces:
-            embeddings.append(embedder.embed(image, faces[0]))
-    assert embeddings, "no face in any received frame"
-    return {
-        name: float(np.median([face_distance(e, ref) for e in embeddings]))
-        for name, ref in identities.items()
-    }
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Over the middle of the face (where the camera's person is pasted)."""
     cx, cy = SIZE[0] // 2, round(SIZE[1] * 0.52)
@@ -305,7 +290,7 @@ def test_swaps_the_face_toggles_and_frees_the_session_when_the_client_leaves(
         session = await client.connect(face=SAMPLE)
         await client.wait_frames(20)
         swapped = await client.grab()
-        d = distances(analyser, embedder, swapped, identities)
+        d = identity_distances(analyser, embedder, swapped, identities)
         print("swapped:", d, "PSNR vs camera", psnr(swapped[-1], still))
         assert d[SAMPLE] < d[CAMERA], d
         stats = await client.stats()
@@ -326,7 +311,7 @@ def test_swaps_the_face_toggles_and_frees_the_session_when_the_client_leaves(
         assert reply.json() == {"enabled": False}
         await client.wait_frames(20)  # frames swapped before the switch have gone by
         passed = await client.grab()
-        d_off = distances(analyser, embedder, passed, identities)
+        d_off = identity_distances(analyser, embedder, passed, identities)
         quality = [psnr(image, still) for image in passed]
         print("passed through:", d_off, "PSNR vs camera", quality)
         assert d_off[CAMERA] < d_off[SAMPLE], d_off
@@ -357,14 +342,14 @@ def test_two_sessions_get_their_own_faces_and_switch_without_reconnecting(
         await b.connect(face=None)
         await asyncio.gather(a.wait_frames(15), b.wait_frames(15))
         # no face chosen: the camera passes through until one is set
-        d_b = distances(analyser, embedder, await b.grab(3), identities)
+        d_b = identity_distances(analyser, embedder, await b.grab(3), identities)
         assert d_b[CAMERA] < d_b[SAMPLE], d_b
         assert (await b.stats())["face"] is None
 
         await b.put_face(UPLOAD)
         await b.wait_frames(10)
-        d_a = distances(analyser, embedder, await a.grab(), identities)
-        d_b = distances(analyser, embedder, await b.grab(), identities)
+        d_a = identity_distances(analyser, embedder, await a.grab(), identities)
+        d_b = identity_distances(analyser, embedder, await b.grab(), identities)
         print("a:", d_a, "\nb:", d_b)
         assert d_a[SAMPLE] < min(d_a[UPLOAD], d_a[CAMERA]), d_a
         assert d_b[UPLOAD] < min(d_b[SAMPLE], d_b[CAMERA]), d_b
@@ -374,8 +359,8 @@ def test_two_sessions_get_their_own_faces_and_switch_without_reconnecting(
         await a.put_face(UPLOAD)
         await b.put_sample(SAMPLE)
         await asyncio.gather(a.wait_frames(10), b.wait_frames(10))
-        d_a2 = distances(analyser, embedder, await a.grab(), identities)
-        d_b2 = distances(analyser, embedder, await b.grab(), identities)
+        d_a2 = identity_distances(analyser, embedder, await a.grab(), identities)
+        d_b2 = identity_distances(analyser, embedder, await b.grab(), identities)
         print("after the switch: a:", d_a2, "\nb:", d_b2)
         assert d_a2[UPLOAD] < min(d_a2[SAMPLE], d_a2[CAMERA]), d_a2
         assert d_b2[SAMPLE] < min(d_b2[UPLOAD], d_b2[CAMERA]), d_b2
