@@ -28,11 +28,12 @@ RUN apt-get update \
     | xargs apt-get install -y --no-install-recommends curl \
  && rm -rf /var/lib/apt/lists/*
 
-# 2. The project, then scripts/setup: .venv, `pip install -e .[dev]`, and the embedded models
-#    unpacked from the mediapipe wheel into .venv/share/facecast/models. It runs as root here,
-#    so it needs no sudo; it is idempotent.
+# 2. The project, then scripts/setup: .venv, `pip install -e .[gst]`, the GStreamer packages
+#    and the embedded models unpacked from the mediapipe wheel into .venv/share/facecast/models.
+#    SETUP_RUNTIME_ONLY leaves out what only the tests need (Chromium, promtool, pytest).
+#    It runs as root here, so it needs no sudo; it is idempotent.
 COPY . .
-RUN scripts/setup && rm -rf /root/.cache
+RUN SETUP_RUNTIME_ONLY=1 scripts/setup && rm -rf /root/.cache
 
 # 3. Fail the build, not the first stream, if a model file is missing or altered.
 RUN .venv/bin/facecast models --check

@@ -399,12 +399,29 @@ def build_pipeline(
     for photo, face in settings.references:
         face_image = None if face is None else read_image(face)  # None: the stream's face
         engine.add_reference(read_image(photo), face_image, name=str(photo))
-    source = StreamSource(
-        settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
-    )
+    from facecast.media import gst
+
+    source: Any
+    if gst.is_gst(settings.input):
+        source = gst.GstSource(settings.input, stall_timeout=settings.stall_timeout)
+    else:
+        source = StreamSource(
+            settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
+        )
+    if gst.is_gst(settings.output):
+        gst.check_output(settings.output)  # a broken description fails now, not at frame 1
     mark = output_mark(source_name, options)
 
-    def open_sink(width: int, height: int, fps: float, audio: Any) -> StreamSink:
+    def open_sink(width: int, height: int, fps: float, audio: Any) -> Sink:
+        if gst.is_gst(settings.output):
+            return gst.GstSink(
+                settings.output,  # type: ignore[arg-type]
+                width=width,
+                height=height,
+                fps=fps,
+                audio=audio,
+                bitrate=settings.bitrate,
+            )
         return StreamSink(
             settings.output,  # type: ignore[arg-type]
             width=width,
@@ -445,7 +462,10 @@ def run_stream(settings: StreamSettings) -> LiveStats:
 
 
 def _stream_name(url: str) -> str:
-    """A short label for logs and metrics: the stream key or file name."""
+    """A short label for logs and metrics: the stream key or file name ("gst" for a
+    GStreamer description, whose caps strings make poor labels)."""
+    if url.startswith("gst:"):
+        return "gst"
     return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "stream"
 
 
