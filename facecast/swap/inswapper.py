@@ -23,8 +23,10 @@ the outline and the lighting itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -183,19 +185,12 @@ class InswapperSwapper:
     @staticmethod
     def _embedding_map(model: OnnxModel, latent_size: int) -> np.ndarray:
         """The model's last initializer: the map from ArcFace embeddings to its latents."""
-        from onnx import numpy_helper
-
-        graph = load_onnx(model.path).graph
-        if not graph.initializer:
-            raise ModelFileError(
-                f"{model.path.name}: no initializers, so no embedding map: not an inswapper model"
-            )
-        emap = numpy_helper.to_array(graph.initializer[-1]).astype(np.float32)
+        stat = model.path.stat()
+        emap = _last_initializer(model.path.resolve(), stat.st_mtime_ns, stat.st_size)
         if emap.ndim != 2 or emap.shape[1] != latent_size:
             raise ModelFileError(
-                f"{model.path.name}: the last initializer ({graph.initializer[-1].name!r}, "
-                f"shape {list(emap.shape)}) is not the {latent_size}-column embedding map "
-                "an inswapper model ends with"
+                f"{model.path.name}: the last initializer (shape {list(emap.shape)}) is not "
+                f"the {latent_size}-column embedding map an inswapper model ends with"
             )
         return emap
 
@@ -275,3 +270,19 @@ class InswapperSwapper:
         )
         skin = blend.feathered(oval, SKIN_FEATHER * face_width) * (features < 128)
         return alpha.astype(np.float32), skin.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _last_initializer(path: Path, mtime_ns: int, size: int) -> np.ndarray:
+    """Parsing the whole file (~550 MB for inswapper_128) for one 512x512 matrix is paid once
+    per file version, not at every stream or web session start. Read-only: shared."""
+    from onnx import numpy_helper
+
+    graph = load_onnx(path).graph
+    if not graph.initializer:
+        raise ModelFileError(
+            f"{path.name}: no initializers, so no embedding map: not an inswapper model"
+        )
+    emap = numpy_helper.to_array(graph.initializer[-1]).astype(np.float32)
+    emap.setflags(write=False)
+    return emap
