@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
+import time
 from typing import Any
 
 import numpy as np
+import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from facecast.errors import MediaError, NoFaceError
+from facecast.errors import FacecastError, MediaError, NoFaceError
 from facecast.media.image_io import UnsupportedImageError, decode_image_bytes
 from facecast.metrics import CONTENT_TYPE, exposition, make_registry
 from facecast.streams import StreamManager, UnknownStreamError
@@ -176,3 +179,35 @@ def bind_host(requested: str, token: str | None) -> str:
     if token is None:
         log.warning("no FACECAST_API_TOKEN set: control routes are open to local users")
     return requested
+
+
+class ThreadedServer:
+    """uvicorn on a thread of its own (``serve`` and ``web`` share it). ``start`` returns
+    once the port is bound, or raises: a port in use must not leave a service that only
+    looks up."""
+
+    def __init__(self, app: Any, host: str, port: int, name: str = "http") -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.where = f"{host}:{port}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit:  # uvicorn's way to say it could not bind; start() reports it
+            log.debug("uvicorn on %s exited at startup", self.where)
+
+    def start(self, timeout: float = 15.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.server.started:
+            self.stop()
+            raise FacecastError(f"the HTTP server did not start on {self.where} (port in use?)")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -31,7 +31,6 @@ from urllib.parse import parse_qs
 
 import cv2
 import numpy as np
-import uvicorn
 import yaml
 from fastapi import HTTPException, Request
 from fastapi.responses import PlainTextResponse
@@ -46,6 +45,7 @@ from facecast.live import engine_options
 from facecast.server import (
     LOOPBACK,
     MAX_UPLOAD_BYTES,
+    ThreadedServer,
     bearer_guard,
     bind_host,
     create_app,
@@ -212,19 +212,14 @@ class Service:
         # Faces uploaded for new profiles: a private folder, files named by us, never by
         # the request.
         self._uploads = Path(tempfile.mkdtemp(prefix="facecast-faces-"))
-        self._http: uvicorn.Server | None = None
-        self._http_thread: threading.Thread | None = None
+        self._http: ThreadedServer | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Service:
-        config = uvicorn.Config(
-            self.app, host=self.host, port=self.http_port, log_level="warning", lifespan="off"
-        )
-        self._http = uvicorn.Server(config)
-        self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
-        self._http_thread.start()
+        self._http = ThreadedServer(self.app, self.host, self.http_port)
+        self._http.start()
         self.ingest.start()
         log.info(
             "serving %d profile(s): publish to %s, watch %s; HTTP on %s:%d",
@@ -242,9 +237,7 @@ class Service:
         self.web.close_all_blocking()  # on the HTTP loop, so before the HTTP plane stops
         self.ingest.stop()
         if self._http is not None:
-            self._http.should_exit = True
-        if self._http_thread is not None:
-            self._http_thread.join(10)
+            self._http.stop()
         shutil.rmtree(self._uploads, ignore_errors=True)
 
     # ------------------------------------------------------------------ profiles API

@@ -22,22 +22,21 @@ import asyncio
 import logging
 import re
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 
-from facecast.errors import FacecastError, NoFaceError
+from facecast.errors import NoFaceError
 from facecast.server import (
     LOOPBACK,
     MAX_UPLOAD_BYTES,
+    ThreadedServer,
     bearer_guard,
     bind_host,
     read_image_upload,
@@ -209,35 +208,20 @@ class WebServer:
         self.host = bind_host(host, token)
         self.port = port
         self.app = create_web_app(token, sessions, max_upload)
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http = ThreadedServer(self.app, self.host, self.port, name="web-http")
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> WebServer:
-        config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, log_level="warning", lifespan="off"
-        )
-        server = self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=server.run, name="web-http", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not server.started:
-            self.stop()
-            raise FacecastError(f"the web server did not start on {self.host}:{self.port}")
+        self._http.start(timeout)
         log.info("web page on %s/web/", self.url)
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
         self.sessions.close_all_blocking(timeout)
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._http.stop(timeout)
 
     def run(self, stop: threading.Event) -> None:
         self.start()

@@ -412,3 +412,24 @@ def test_each_key_can_run_its_own_swapper(tmp_path):
     path.write_text(f"erin:\n  source: {MEDIA / 'obama.jpg'}\n  upscaler: x\n")
     with pytest.raises(FacecastError, match="unknown fields upscaler"):
         load_profiles(path)
+
+
+def test_serve_refuses_to_start_on_a_port_in_use(tmp_path):
+    """A taken HTTP port is an error at start, not a service that only looks up."""
+    import socket
+
+    http_port, rtmp_port, hls_port = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", http_port))
+        taken.listen()
+        svc = Service(
+            {},
+            token=None,
+            http_port=http_port,
+            rtmp_port=rtmp_port,
+            hls_port=hls_port,
+            prefix=tmp_path / "ingest",
+        )
+        with pytest.raises(FacecastError, match=f"did not start on 127.0.0.1:{http_port}"):
+            svc.start()
+    assert not port_accepts(rtmp_port)  # nginx was never started
