@@ -55,6 +55,7 @@ import numpy as np
 from facecast.errors import MediaError
 from facecast.media.backoff import Backoff
 from facecast.media.frame import AudioChunk, Frame
+from facecast.media.live_sink import output_geometry
 from facecast.media.sink import fit_image
 
 log = logging.getLogger(__name__)
@@ -408,19 +409,12 @@ class GstSink:
     ):
         self.url = str(url)
         self.name = self.url if len(self.url) <= 60 else self.url[:57] + "..."
-        # even sizes, as StreamSink: 4:2:0 encoders reject odd ones
-        self.width, self.height = width - width % 2, height - height % 2
-        if self.width < 2 or self.height < 2:
-            raise MediaError(f"{self.name}: cannot send a {width}x{height} video")
-        rate = Fraction(fps).limit_denominator(1001)
-        if rate <= 0:
-            raise MediaError(f"{self.name}: frame rate must be positive, not {fps}")
-        self.fps = rate
+        self.width, self.height, self.fps = output_geometry(self.name, width, height, fps)
         if audio is not None:
             log.info("%s: a gst: output carries video only; audio is not sent", self.name)
         caps = (
             f"video/x-raw,format=BGR,width={self.width},height={self.height},"
-            f"framerate={rate.numerator}/{rate.denominator}"
+            f"framerate={self.fps.numerator}/{self.fps.denominator}"
         )
         self.text = (
             f"appsrc name={SRC_NAME} is-live=true format=time do-timestamp=false block=false "

@@ -434,6 +434,18 @@ class _AudioClock:
 # ---------------------------------------------------------------------------- the sink
 
 
+def output_geometry(name: str, width: int, height: int, fps: float) -> tuple[int, int, Fraction]:
+    """An output's size rounded down to even (4:2:0 encoders reject odd ones) and its rate
+    as a fraction; a MediaError naming the output when either is unusable."""
+    even_w, even_h = width - width % 2, height - height % 2
+    if even_w < 2 or even_h < 2:
+        raise MediaError(f"{name}: cannot send a {width}x{height} video")
+    rate = Fraction(fps).limit_denominator(1001)
+    if rate <= 0:
+        raise MediaError(f"{name}: frame rate must be positive, not {fps}")
+    return even_w, even_h, rate
+
+
 class StreamSink:
     """A live output (see the module docstring). Call its methods from one thread.
 
@@ -465,12 +477,7 @@ class StreamSink:
     ):
         self.url = str(url)
         self.name = redact(self.url)
-        self.width, self.height = width - width % 2, height - height % 2
-        if self.width < 2 or self.height < 2:
-            raise MediaError(f"{self.name}: cannot encode a {width}x{height} video")
-        rate = Fraction(fps).limit_denominator(1001)
-        if rate <= 0:
-            raise MediaError(f"{self.name}: frame rate must be positive, not {fps}")
+        self.width, self.height, rate = output_geometry(self.name, width, height, fps)
         self.plan = plan_output(self.url, sdp_path=sdp_path)
         if self.plan.kind == "file":
             parent = Path(self.plan.target).resolve().parent
