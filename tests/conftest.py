@@ -1,4 +1,4 @@
-"""Shared fixtures: the real test media in ../shared/media and the models, loaded once."""
+"""Shared fixtures: the project's own test media (tests/media) and the models, loaded once."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MEDIA = REPO.parent / "shared" / "media"
+MEDIA = REPO / "tests" / "media"  # the project's own copy, so a bare clone can run the tests
 ARTIFACTS = REPO / "test-artifacts"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if not MEDIA.is_dir():
-        raise pytest.UsageError(f"test media not found at {MEDIA}: the tests need ../shared/media")
+        raise pytest.UsageError(f"test media not found at {MEDIA}: the clone is incomplete")
     ARTIFACTS.mkdir(exist_ok=True)
 
 

@@ -1,4 +1,4 @@
-"""Test videos built from the real photos in ../shared/media, plus file-damage helpers.
+"""Test videos built from the real photos in tests/media, plus file-damage helpers.
 
 Everything here uses PyAV, OpenCV and ffprobe directly, never ``facecast.media``, so the
 tests of the media layer do not check that code against itself. Defaults are tiny
@@ -19,7 +19,7 @@ import av
 import cv2
 import numpy as np
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+MEDIA = Path(__file__).resolve().parent / "media"
 CLIP = MEDIA / "short_hamilton_clip.mp4"
 
 # Face boxes (x, y, w, h) measured once with YuNet (yuface), so building a test video does
@@ -39,7 +39,7 @@ AUDIO_RATE = 44100
 
 
 def load_photo(name: str) -> np.ndarray:
-    """A photo from the shared media as BGR (RGBA PNGs composited on white)."""
+    """A photo from the test media as BGR (RGBA PNGs composited on white)."""
     image = cv2.imread(str(MEDIA / name), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise FileNotFoundError(MEDIA / name)

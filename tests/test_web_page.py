@@ -1,6 +1,6 @@
 """The WebRTC page in headless Chromium against the real server, on loopback.
 
-Chromium's fake camera plays a .y4m of a real face (built here from the shared photos);
+Chromium's fake camera plays a .y4m of a real face (built here from the test photos);
 the page sends it over WebRTC and shows what comes back. Identity checks use dlib
 embeddings of frames grabbed from the page's own <video>, against the source photos and
 the camera's face, so the expectation never comes from the code under test.
