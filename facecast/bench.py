@@ -1,4 +1,5 @@
-"""Benchmarks. Results are JSON files in bench/results/ plus a table in docs/benchmarks.md.
+"""Benchmarks. Results are JSON files in a results folder (``--results``); with
+``--update-docs``, also a table in the clone's docs/benchmarks.md.
 
 Timings are measurements to report, never asserted by tests: they depend on the machine.
 """
@@ -24,7 +25,6 @@ from facecast.media.source import VideoFileSource
 from facecast.pipeline import EngineOptions, swap_video_file
 
 SWAP_STAGES = ("decode", "detect", "mesh", "swap", "blend", "label", "encode")
-DOCS_TABLE = Path("docs/benchmarks.md")
 
 
 def scaled_copy(clip: Path, width: int, height: int, folder: Path) -> Path:
@@ -125,8 +125,11 @@ def swap_table(runs: list[dict]) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def update_docs(section: str, body: str, docs: Path = DOCS_TABLE) -> None:
-    """Replace (or add) the section between its markers in docs/benchmarks.md."""
+def update_docs(section: str, body: str, docs: Path | None) -> None:
+    """Replace (or add) the section between its markers in ``docs`` (the benchmarks page);
+    None: the user did not ask for it, leave every page alone."""
+    if docs is None:
+        return
     start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
     text = docs.read_text() if docs.exists() else "# Benchmarks\n"
     block = f"{start}\n{body}\n{end}"
@@ -138,7 +141,9 @@ def update_docs(section: str, body: str, docs: Path = DOCS_TABLE) -> None:
     docs.write_text(text)
 
 
-def run_swap_bench(examples: Path, results_dir: Path, console: Console) -> dict:
+def run_swap_bench(
+    examples: Path, results_dir: Path, console: Console, docs: Path | None = None
+) -> dict:
     clip, face = examples / "short_hamilton_clip.mp4", examples / "obama.jpg"
     runs = []
     with tempfile.TemporaryDirectory(prefix="facecast-bench-") as tmp:
@@ -168,6 +173,7 @@ def run_swap_bench(examples: Path, results_dir: Path, console: Console) -> dict:
         "swap",
         swap_table(runs) + f"\n\nMeasured {payload['when']} on {machine()['cpu_count']}"
         " cores with `facecast bench swap`; raw numbers: `bench/results/swap-latest.json`.",
+        docs,
     )
     console.print(f"results: {path}")
     return payload

@@ -355,7 +355,9 @@ def _print(result: dict[str, Any], console: Console) -> None:
     wide.print(temporal)
 
 
-def run_faces_bench(examples: Path, results_dir: Path, console: Console) -> dict[str, Any]:
+def run_faces_bench(
+    examples: Path, results_dir: Path, console: Console, docs: Path | None = None
+) -> dict[str, Any]:
     clip = examples / "short_hamilton_clip.mp4"
     with tempfile.TemporaryDirectory(prefix="facecast-bench-faces-") as tmp:
         clip720 = scaled_copy(clip, 1280, 720, Path(tmp))
@@ -375,6 +377,7 @@ def run_faces_bench(examples: Path, results_dir: Path, console: Console) -> dict
         "faces",
         faces_table(payload) + f"\n\nMeasured {payload['when']} on {machine()['cpu_count']}"
         " cores with `facecast bench faces`; raw numbers: `bench/results/faces-latest.json`.",
+        docs,
     )
     console.print(f"results: {path}")
     return payload

@@ -314,7 +314,11 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_live_bench(
-    examples: Path, results_dir: Path, console: Console, seconds: float = 15.0
+    examples: Path,
+    results_dir: Path,
+    console: Console,
+    seconds: float = 15.0,
+    docs: Path | None = None,
 ) -> dict[str, Any]:
     clip, face = examples / "short_hamilton_clip.mp4", examples / "obama.jpg"
     runs: dict[str, dict[str, Any]] = {}
@@ -360,6 +364,7 @@ def run_live_bench(
         live_table(payload) + f"\n\nMeasured {payload['when']} on {machine()['cpu_count']}"
         " cores with `facecast bench live`; raw numbers and the goal check: "
         "`bench/results/live-latest.json`.",
+        docs,
     )
     console.print(f"results: {path}")
     return payload

@@ -1,4 +1,10 @@
-"""The command line: ``facecast swap | demo | models | bench``."""
+"""The command line: ``facecast swap | demo | stream | probe | serve | web | models | bench``.
+
+Habits of the field's tools, kept on purpose: ``--version``; ``--log-level`` (or ``-v`` /
+``-q``) that changes what is printed; help that reads at 80 columns; and every mistake a
+user can make ends in one line, ``error: ...``, and exit code 2 (``main`` turns click's own
+usage errors into that line too).
+"""
 
 from __future__ import annotations
 
@@ -13,45 +19,113 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from facecast import __version__
 from facecast.errors import FacecastError
 
+try:  # Typer 0.2x carries its own copy of click; its usage errors are that copy's classes
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older Typer on the click package
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+# rich_markup_mode=None: click's plain help, which rewraps paragraphs to the terminal and
+# shows no type tags; the rich panels broke sentences mid-line at 80 columns.
 app = typer.Typer(
     help="Face swap for live video, video files and images — offline, on a CPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-bench_app = typer.Typer(help="Benchmarks; results go to bench/results/.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Speed benchmarks; JSON results go to --results.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+log = logging.getLogger("facecast")
 
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# Libraries that log at INFO about their own workings; a user wants facecast's lines.
+_CHATTY_LOGGERS = ("aioice", "aiortc", "uvicorn.error", "asyncio", "httpx")
 
 # Which model does each job: shared by swap and stream. None leaves the environment's
 # FACECAST_* value, or the embedded default.
 ModelsDirFlag = Annotated[
     Path | None,
-    typer.Option("--models-dir", help="Folder with your ONNX models [env FACECAST_MODELS_DIR]."),
+    typer.Option(
+        "--models-dir",
+        metavar="DIR",
+        help="Folder with your ONNX models [env FACECAST_MODELS_DIR].",
+    ),
 ]
 DetectorFlag = Annotated[
-    str | None, typer.Option(help="blazeface (embedded), scrfd, retinaface, yoloface or a file.")
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="Face detector: blazeface (embedded, default), scrfd, retinaface, yoloface, "
+        "or a file in --models-dir.",
+    ),
 ]
-RecogniserFlag = Annotated[str | None, typer.Option(help="dlib (embedded) or arcface.")]
-SwapperFlag = Annotated[str | None, typer.Option(help="mesh (embedded) or inswapper.")]
+RecogniserFlag = Annotated[
+    str | None,
+    typer.Option(metavar="NAME", help="Identity model: dlib (embedded, default) or arcface."),
+]
+SwapperFlag = Annotated[
+    str | None,
+    typer.Option(metavar="NAME", help="Swapper: mesh (embedded, default) or inswapper."),
+]
 EnhancerFlag = Annotated[
-    str | None, typer.Option(help="gfpgan (any 512x512 face restorer) after the swap.")
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="Face restorer after the swap: gfpgan (any 512x512 one); off by default.",
+    ),
 ]
 ProvidersFlag = Annotated[
     list[str] | None,
     typer.Option(
-        "--execution-provider", help="cpu, cuda or tensorrt; repeat for a fallback order."
+        "--execution-provider",
+        metavar="NAME",
+        help="For ONNX models: cpu (default), cuda or tensorrt; repeat for a fallback order.",
     ),
 ]
-Fp16Flag = Annotated[bool | None, typer.Option("--fp16/--fp32", help="TensorRT half precision.")]
+Fp16Flag = Annotated[
+    bool | None,
+    typer.Option("--fp16/--fp32", help="TensorRT half precision [default: fp32]."),
+]
 MemoryFlag = Annotated[
     str | None,
-    typer.Option("--memory-strategy", help="strict, moderate (default) or tolerant."),
+    typer.Option(
+        "--memory-strategy",
+        metavar="NAME",
+        help="ONNX sessions: strict, moderate (default) or tolerant.",
+    ),
 ]
+ReferenceFlag = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="PHOTO[=FACE]",
+        help="Swap only this person: PHOTO (gets the source face) or PHOTO=FACE. Repeat for "
+        "several people; anyone else is left untouched.",
+    ),
+]
+ResultsFlag = Annotated[
+    Path,
+    typer.Option(metavar="DIR", help="Folder for the JSON results."),
+]
+UpdateDocsFlag = Annotated[
+    bool,
+    typer.Option(
+        "--update-docs", help="Also rewrite this benchmark's table in docs/benchmarks.md."
+    ),
+]
+DEFAULT_RESULTS = REPO / "bench" / "results"
 
 
 def model_flags(
@@ -83,13 +157,93 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def warn(message: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+
+
+def chatty() -> bool:
+    """Progress bars and summaries are INFO: ``-q`` / ``--log-level warning`` hides them."""
+    return log.isEnabledFor(logging.INFO)
+
+
+def one_source(sources: list[Path] | None) -> Path | None:
+    """The one source photo. Several are refused, not silently cut to the last one."""
+    if sources and len(sources) > 1:
+        raise fail(
+            f"--source given {len(sources)} times ({', '.join(map(str, sources))}): one face "
+            "photo per run for now; to give different people different faces, use "
+            "--reference PHOTO=FACE"
+        )
+    return sources[0] if sources else None
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"facecast {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False):
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level", metavar="LEVEL", help="debug, info (default), warning or error."
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Same as --log-level debug.")
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="Same as --log-level warning: no progress bar or summary, only warnings "
+            "and errors.",
+        ),
+    ] = False,
+) -> None:
+    if log_level is not None:
+        level = log_level.lower()
+        if level not in LOG_LEVELS:
+            raise fail(f"--log-level {log_level!r}: use {', '.join(LOG_LEVELS)}")
+    else:
+        level = "debug" if verbose else "warning" if quiet else "info"
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,
     )
+    if level != "debug":
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    """The ``facecast`` command. Click's usage errors (a missing or unknown option, a bad
+    value) become the same one line as facecast's own: ``error: ...``, exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:  # bare `facecast` or `facecast bench`
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(2)
+    except click_errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "facecast"
+        message = exc.format_message().rstrip(".")
+        console.print(f"[bold red]error:[/] {message} (see {where} --help)", highlight=False)
+        sys.exit(2)
+    except click_errors.Abort:  # Ctrl-C while click itself was waiting
+        console.print("[bold red]error:[/] interrupted", highlight=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _progress() -> Progress:
@@ -101,6 +255,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=not chatty(),
     )
 
 
@@ -124,10 +279,12 @@ def run_swap(
     label: bool,
     references: tuple[tuple[Path, Path], ...] = (),
     models: dict[str, object] | None = None,
+    quality: dict[str, object] | None = None,
 ) -> None:
     """Shared by ``swap`` and ``demo``: one place turns FacecastErrors into exit code 2."""
     from facecast.config import ModelSettings
     from facecast.faces.select import Selection
+    from facecast.media.sink import VideoQuality
     from facecast.modelset import ModelChoice
     from facecast.pipeline import EngineOptions, swap_file
     from facecast.swap.mesh_swapper import SwapOptions
@@ -135,10 +292,13 @@ def run_swap(
     try:
         selection = Selection.parse(faces)
         choice = ModelChoice.from_settings(ModelSettings(**(models or {})))
+        video_quality = VideoQuality(**(quality or {}))  # type: ignore[arg-type]
     except (ValueError, FacecastError) as exc:
         raise fail(str(exc)) from None
     if blend not in ("feather", "poisson"):
         raise fail(f"unknown blend {blend!r}: use feather or poisson")
+    if ignored := choice.ignored_runtime():
+        warn(ignored)
     options = EngineOptions(
         selection=selection,
         swap=SwapOptions(blend=blend),  # type: ignore[arg-type]
@@ -148,46 +308,94 @@ def run_swap(
     )
     progress = _progress()
     task = progress.add_task(target.name, total=None, fps=0.0)
-    started = [0.0]
+    started: list[float] = []  # set when the bar appears
 
     def on_frame(done: int, total: int | None) -> None:
-        if done == 1:  # the bar appears with the first frame, after the inputs were checked
+        if not started:  # the bar appears with the first frame, after the inputs were checked
             progress.start()
-            started[0] = time.perf_counter()
+            started.append(time.perf_counter())
         elapsed = time.perf_counter() - started[0]
         progress.update(task, completed=done, total=total, fps=done / max(elapsed, 1e-6))
 
     try:
-        stats = swap_file(source, target, output, options, on_frame)
+        stats = swap_file(source, target, output, options, on_frame, video_quality)
     except FacecastError as exc:
         raise fail(str(exc)) from None
     finally:
-        progress.stop()
-    console.print(
-        f"wrote [bold]{output}[/]: {stats.frames} frame(s), {stats.faces_swapped} face(s) swapped,"
-        f" {stats.frames_without_face} frame(s) without a face passed through",
-        highlight=False,
-    )
+        if started:  # stopping a bar that never showed would print an empty line
+            progress.stop()
+    if chatty():
+        console.print(
+            f"wrote [bold]{output}[/]: {stats.frames} frame(s), {stats.faces_swapped} face(s) "
+            f"swapped, {stats.frames_without_face} frame(s) without a face passed through",
+            highlight=False,
+        )
+    if selection.mode == "index" and stats.frames_none_chosen:
+        warn(
+            f"--faces {selection} chose no face in {stats.frames_none_chosen} of "
+            f"{stats.frames} frame(s) that showed faces (at most {stats.most_faces} at once: "
+            f"index:0 to index:{stats.most_faces - 1})"
+        )
     print(output)
 
 
 @app.command()
 def swap(
-    source: Annotated[Path, typer.Option("--source", "-s", help="Photo of the face to put in.")],
-    target: Annotated[Path, typer.Option("--target", "-t", help="Image or video file to change.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")],
-    faces: Annotated[str, typer.Option(help="Which faces: all, largest or index:N.")] = "all",
-    blend: Annotated[str, typer.Option(help="feather (default) or poisson.")] = "feather",
-    label: Annotated[
-        bool, typer.Option("--label/--no-label", help="Visible 'AI-generated' label.")
-    ] = True,
-    reference: Annotated[
-        list[str] | None,
+    source: Annotated[
+        list[Path],
+        typer.Option("--source", "-s", metavar="PHOTO", help="Photo of the face to put in."),
+    ],
+    target: Annotated[
+        Path,
+        typer.Option("--target", "-t", metavar="FILE", help="Image or video file to change."),
+    ],
+    output: Annotated[
+        Path,
         typer.Option(
-            help="Swap only this person: PHOTO (gets the source face) or PHOTO=FACE. "
-            "Repeat for several people; anyone else is left untouched."
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Where to write the result: .png/.jpg for an image, .mp4/.mkv/.mov for a "
+            "video. Never the target itself.",
+        ),
+    ],
+    faces: Annotated[
+        str,
+        typer.Option(
+            metavar="WHICH",
+            help="Which faces: all, largest or index:N (N counts from 0, left to right).",
+        ),
+    ] = "all",
+    blend: Annotated[
+        str, typer.Option(metavar="MODE", help="Blending: feather or poisson.")
+    ] = "feather",
+    label: Annotated[
+        bool, typer.Option("--label/--no-label", help="Draw the visible 'AI-generated' label.")
+    ] = True,
+    reference: ReferenceFlag = None,
+    crf: Annotated[
+        float | None,
+        typer.Option(
+            "--crf",
+            "--video-quality",
+            metavar="N",
+            help="Video: constant quality, lower is better (x264 0-51, default 20; x265 "
+            "default 24; vp9 0-63, default 32).",
         ),
     ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME",
+            help="Video: encoder speed, ultrafast to veryslow (slower is smaller).",
+        ),
+    ] = "veryfast",
+    output_video_encoder: Annotated[
+        str,
+        typer.Option(
+            "--output-video-encoder", metavar="NAME", help="Video: libx264, libx265 or libvpx-vp9."
+        ),
+    ] = "libx264",
     models_dir: ModelsDirFlag = None,
     detector: DetectorFlag = None,
     recogniser: RecogniserFlag = None,
@@ -197,7 +405,13 @@ def swap(
     fp16: Fp16Flag = None,
     memory_strategy: MemoryFlag = None,
 ) -> None:
-    """Swap the face from SOURCE onto the chosen faces of an image or a video file."""
+    """Swap a face into an image or a video file.
+
+    The face in SOURCE goes onto the chosen faces of TARGET; the result is written to
+    OUTPUT with the target's frames, timing and audio.
+    """
+    face = one_source(source)
+    assert face is not None  # --source is required
     models = model_flags(
         models_dir,
         detector,
@@ -208,13 +422,16 @@ def swap(
         fp16,
         memory_strategy,
     )
-    references = parse_references(reference or [], source)
-    run_swap(source, target, output, faces, blend, label, references, models)
+    references = parse_references(reference or [], face)
+    quality = {"encoder": output_video_encoder, "crf": crf, "preset": preset}
+    run_swap(face, target, output, faces, blend, label, references, models, quality)
 
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo.mp4"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the video.")
+    ] = Path("out/demo.mp4"),
 ) -> None:
     """Swap the bundled sample face into the bundled sample clip."""
     source, target = EXAMPLES / "obama.jpg", EXAMPLES / "short_hamilton_clip.mp4"
@@ -227,41 +444,67 @@ def demo(
 @app.command()
 def stream(
     source: Annotated[
-        Path | None, typer.Option("--source", "-s", help="Face photo [env SOURCE_IMAGE].")
+        list[Path] | None,
+        typer.Option("--source", "-s", metavar="PHOTO", help="Face photo [env SOURCE_IMAGE]."),
     ] = None,
     input_url: Annotated[
         str | None,
         typer.Option(
             "--input",
             "-i",
-            help="rtmp://, udp://, rtp (.sdp), .m3u8, srt://, "
-            "/dev/videoN or a file [env TARGET_STREAM].",
+            metavar="URL",
+            help="rtmp://, udp://, an .sdp file (RTP), .m3u8, srt://, /dev/videoN, gst:... "
+            "or a file [env TARGET_STREAM].",
         ),
     ] = None,
     output_url: Annotated[
         str | None,
         typer.Option(
-            "--output", "-o", help="rtmp://, udp://, rtp://, srt:// or a file [env OUTPUT_STREAM]."
+            "--output",
+            "-o",
+            metavar="URL",
+            help="rtmp://, udp://, rtp://, srt://, gst:... or a file [env OUTPUT_STREAM].",
         ),
     ] = None,
-    faces: Annotated[str | None, typer.Option(help="all, largest or index:N.")] = None,
-    reference: Annotated[
-        list[str] | None,
+    faces: Annotated[
+        str | None,
+        typer.Option(metavar="WHICH", help="Which faces: all (default), largest or index:N."),
+    ] = None,
+    reference: ReferenceFlag = None,
+    blend: Annotated[
+        str | None, typer.Option(metavar="MODE", help="feather (default) or poisson.")
+    ] = None,
+    label: Annotated[
+        bool | None,
         typer.Option(
-            help="Swap only this person: PHOTO (gets the source face) or PHOTO=FACE. "
-            "Repeat for more people [env FACECAST_REFERENCES, a JSON list]."
+            "--label/--no-label", help="Draw the visible 'AI-generated' label [default: label]."
         ),
     ] = None,
-    blend: Annotated[str | None, typer.Option(help="feather or poisson.")] = None,
-    label: Annotated[bool | None, typer.Option("--label/--no-label")] = None,
     realtime: Annotated[
-        bool | None, typer.Option("--realtime/--as-fast", help="Pace a file input in real time.")
+        bool | None,
+        typer.Option(
+            "--realtime/--as-fast",
+            help="Pace a file input at its frame rate, or read it flat out [default: as-fast].",
+        ),
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="x264 preset (ultrafast).")] = None,
-    keyint: Annotated[int | None, typer.Option(help="Frames between keyframes.")] = None,
-    bitrate: Annotated[str | None, typer.Option(help="Video bitrate, e.g. 2500k.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(metavar="NAME", help="x264 preset [default: ultrafast].")
+    ] = None,
+    keyint: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Frames between keyframes [default: about 1 s]."),
+    ] = None,
+    bitrate: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RATE", help="Video bitrate, e.g. 2500k [default: from the frame size]."
+        ),
+    ] = None,
     stall_timeout: Annotated[
-        float | None, typer.Option(help="Seconds without a frame before reconnecting.")
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Reconnect after this long without a frame [default: 5]."
+        ),
     ] = None,
     models_dir: ModelsDirFlag = None,
     detector: DetectorFlag = None,
@@ -272,12 +515,17 @@ def stream(
     fp16: Fp16Flag = None,
     memory_strategy: MemoryFlag = None,
 ) -> None:
-    """Swap faces in a live stream and publish the result, until stopped (SIGINT/SIGTERM)."""
+    """Swap faces in a live stream and publish it, until stopped.
+
+    Runs until SIGINT or SIGTERM, reconnecting a lost input or output. References also
+    come from FACECAST_REFERENCES (a JSON list).
+    """
     from facecast.config import StreamSettings
     from facecast.live import run_stream
+    from facecast.modelset import ModelChoice
 
     flags = {
-        "source_image": source,
+        "source_image": one_source(source),
         "input": input_url,
         "output": output_url,
         "faces": faces,
@@ -304,6 +552,7 @@ def stream(
     )
     try:
         settings = StreamSettings(**{k: v for k, v in flags.items() if v is not None})
+        ignored = ModelChoice.from_settings(settings).ignored_runtime()
     except (ValueError, FacecastError) as exc:
         raise fail(str(exc)) from None
     missing = [
@@ -317,6 +566,8 @@ def stream(
     ]
     if missing:
         raise fail("missing " + ", ".join(missing))
+    if ignored:
+        warn(ignored)
     try:
         run_stream(settings)
     except FacecastError as exc:
@@ -325,18 +576,32 @@ def stream(
 
 @app.command()
 def probe(
-    publish: Annotated[str, typer.Option(help="Where to publish the stamped test stream.")],
-    read: Annotated[str, typer.Option(help="The swapped stream to read back.")],
-    seconds: Annotated[float, typer.Option(help="How long to measure, after the warm-up.")] = 20.0,
-    fps: Annotated[float, typer.Option()] = 30.0,
-    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT")] = "1280x720",
-    face: Annotated[Path, typer.Option(help="Face photo shown in the test stream.")] = EXAMPLES
-    / "obama.jpg",
+    publish: Annotated[
+        str, typer.Option(metavar="URL", help="Where to publish the stamped test stream.")
+    ],
+    read: Annotated[str, typer.Option(metavar="URL", help="The swapped stream to read back.")],
+    seconds: Annotated[
+        float, typer.Option(metavar="SECONDS", help="How long to measure, after the warm-up.")
+    ] = 20.0,
+    fps: Annotated[
+        float, typer.Option(metavar="RATE", help="Frame rate of the test stream.")
+    ] = 30.0,
+    size: Annotated[
+        str, typer.Option(metavar="WxH", help="Frame size of the test stream.")
+    ] = "1280x720",
+    face: Annotated[
+        Path, typer.Option(metavar="PHOTO", help="Face photo shown in the test stream.")
+    ] = EXAMPLES / "obama.jpg",
     warmup: Annotated[
-        float, typer.Option(help="Seconds after the first stamp that are left out.")
+        float,
+        typer.Option(metavar="SECONDS", help="Seconds after the first stamp that are left out."),
     ] = 2.0,
 ) -> None:
-    """Glass-to-glass latency of a running `facecast stream`: p50/p95/p99."""
+    """Glass-to-glass latency of a running stream: p50/p95/p99.
+
+    Publishes a stamped test stream, reads the swapped one back and prints the latency
+    figures as JSON.
+    """
     import json
 
     from facecast.probe import LatencyProbe, load_probe_face
@@ -360,27 +625,50 @@ def probe(
 def serve(
     profiles: Annotated[
         Path | None,
-        typer.Option(envvar="FACECAST_PROFILES", help="YAML: stream key -> source face, options."),
+        typer.Option(
+            envvar="FACECAST_PROFILES",
+            metavar="YAML",
+            help="Stream key -> source face and options [env FACECAST_PROFILES].",
+        ),
     ] = None,
-    host: Annotated[str, typer.Option(help="HTTP listen address (loopback without a token).")] = (
-        "0.0.0.0"
-    ),
-    http_port: Annotated[int, typer.Option(help="HTTP control plane port.")] = 8080,
-    rtmp_port: Annotated[int, typer.Option(help="RTMP ingest port.")] = 1935,
-    hls_port: Annotated[int, typer.Option(help="HLS port of the ingest server.")] = 8088,
+    host: Annotated[
+        str,
+        typer.Option(
+            metavar="ADDRESS", help="Listen address; loopback only unless a token is set."
+        ),
+    ] = "0.0.0.0",
+    http_port: Annotated[int, typer.Option(metavar="PORT", help="HTTP control plane port.")] = 8080,
+    rtmp_port: Annotated[int, typer.Option(metavar="PORT", help="RTMP ingest port.")] = 1935,
+    hls_port: Annotated[
+        int, typer.Option(metavar="PORT", help="HLS port of the ingest server.")
+    ] = 8088,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FACECAST_STATE_DIR",
+            metavar="DIR",
+            help="Where profile changes made through the API are kept across restarts, "
+            "laid over --profiles [default: $XDG_STATE_HOME/facecast, else "
+            "~/.local/state/facecast; env FACECAST_STATE_DIR].",
+        ),
+    ] = None,
 ) -> None:
-    """Service mode: ingest server + HTTP plane; every stream published to live/KEY comes out
-    swapped with KEY's profile at swapped/KEY. Token: FACECAST_API_TOKEN."""
+    """Service mode: ingest server, HTTP API and one pipeline per key.
+
+    Every stream published to rtmp://HOST/live/KEY comes out swapped with KEY's profile at
+    rtmp://HOST/swapped/KEY. The API token is read from FACECAST_API_TOKEN.
+    """
     import os
     import threading
 
     from facecast.live import _stop_on_signals
+    from facecast.profiles import default_state_dir
     from facecast.service import Service, load_profiles
 
     try:
         table = load_profiles(profiles) if profiles else {}
         if not table:
-            console.print("[yellow]no profiles: every publisher will be refused[/]")
+            warn("no profiles: every publisher will be refused")
         service = Service(
             table,
             token=os.environ.get("FACECAST_API_TOKEN") or None,
@@ -388,6 +676,7 @@ def serve(
             http_port=http_port,
             rtmp_port=rtmp_port,
             hls_port=hls_port,
+            state_dir=state_dir or default_state_dir(),
         )
         stop = threading.Event()
         with _stop_on_signals(stop):
@@ -398,14 +687,21 @@ def serve(
 
 @app.command()
 def web(
-    host: Annotated[str, typer.Option(help="HTTP listen address (loopback without a token).")] = (
-        "0.0.0.0"
-    ),
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
-    max_sessions: Annotated[int, typer.Option(help="Browser sessions open at once.")] = 4,
+    host: Annotated[
+        str,
+        typer.Option(
+            metavar="ADDRESS", help="Listen address; loopback only unless a token is set."
+        ),
+    ] = "0.0.0.0",
+    port: Annotated[int, typer.Option(metavar="PORT", help="HTTP port.")] = 8080,
+    max_sessions: Annotated[
+        int, typer.Option(metavar="N", help="Browser sessions open at once.")
+    ] = 4,
 ) -> None:
-    """The browser page alone: camera in, swapped video back over WebRTC, at
-    http://HOST:PORT/web/. Token: FACECAST_API_TOKEN."""
+    """The browser page alone: camera in, swapped video back.
+
+    Serves http://HOST:PORT/web/ over WebRTC. The token is read from FACECAST_API_TOKEN.
+    """
     import os
     import threading
 
@@ -431,8 +727,11 @@ def models(
     check: Annotated[bool, typer.Option("--check", help="Exit 2 if any file is bad.")] = False,
     models_dir: ModelsDirFlag = None,
 ) -> None:
-    """List the model files and check each one (presence and sha256); with a models folder,
-    also what each ONNX file there was recognised as."""
+    """List the model files and check each one.
+
+    Checks presence and sha256 of the embedded models; with a models folder, also shows
+    what each ONNX file there was recognised as.
+    """
     from facecast.models import REGISTRY
     from facecast.models import check as check_model
 
@@ -486,50 +785,68 @@ def _user_models(models_dir: Path | None) -> list[str]:
 
 
 @bench_app.command("swap")
-def bench_swap(
-    results: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path(
-        "bench/results"
-    ),
-) -> None:
-    """File→file fps and per-stage ms on the sample clip at 360p and 720p, beside a plain
-    decode+encode of the same file (the limit)."""
+def bench_swap(results: ResultsFlag = DEFAULT_RESULTS, update_docs: UpdateDocsFlag = False) -> None:
+    """File to file fps and per-stage ms at 360p and 720p.
+
+    Runs the sample clip and a 720p copy, beside a plain decode and encode of the same
+    file (the limit).
+    """
     from facecast.bench import run_swap_bench
 
-    run_swap_bench(EXAMPLES, results, console)
+    try:
+        run_swap_bench(EXAMPLES, results, console, docs_for(update_docs))
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
 
 
 @bench_app.command("live")
 def bench_live(
-    results: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path(
-        "bench/results"
-    ),
-    seconds: Annotated[float, typer.Option(help="Measured seconds per run.")] = 15.0,
+    results: ResultsFlag = DEFAULT_RESULTS,
+    update_docs: UpdateDocsFlag = False,
+    seconds: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Measured seconds per run.")
+    ] = 15.0,
 ) -> None:
-    """Live latency on 720p30: the pipeline vs a serial loop, at the input rate, flat out,
-    and at twice the sustainable rate; glass-to-glass with the probe over loopback UDP."""
+    """Live latency on 720p30: pipeline vs serial, overload, probe.
+
+    Runs the pipeline and a serial loop at the input rate, flat out and at twice the
+    sustainable rate, and measures glass to glass with the probe over loopback UDP.
+    """
     from facecast.bench_live import run_live_bench
 
     try:
-        run_live_bench(EXAMPLES, results, console, seconds)
+        run_live_bench(EXAMPLES, results, console, seconds, docs_for(update_docs))
     except FacecastError as exc:
         raise fail(str(exc)) from None
 
 
 @bench_app.command("faces")
 def bench_faces(
-    results: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path(
-        "bench/results"
-    ),
+    results: ResultsFlag = DEFAULT_RESULTS, update_docs: UpdateDocsFlag = False
 ) -> None:
-    """Face analysis per 720p frame, detecting every frame vs every 3rd (time saved, faces
-    lost), and the temporal layer's cost: cuts, tracks, embeddings."""
+    """Face analysis per 720p frame: detection every frame vs every 3rd.
+
+    Reports the time saved and faces lost, and the temporal layer's cost: cuts, tracks,
+    embeddings.
+    """
     from facecast.bench_faces import run_faces_bench
 
     try:
-        run_faces_bench(EXAMPLES, results, console)
+        run_faces_bench(EXAMPLES, results, console, docs_for(update_docs))
     except FacecastError as exc:
         raise fail(str(exc)) from None
 
 
+def docs_for(update_docs: bool) -> Path | None:
+    """The benchmarks page to rewrite, only when asked: the clone's own, never a
+    docs/ folder of wherever the command happens to run."""
+    if not update_docs:
+        return None
+    docs = REPO / "docs" / "benchmarks.md"
+    if not docs.is_file():
+        raise fail(f"--update-docs: {docs} not found; run from a clone of the repository")
+    return docs
+
+
 if __name__ == "__main__":
-    app()
+    main()

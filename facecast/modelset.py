@@ -57,6 +57,26 @@ class ModelChoice:
             ),
         )
 
+    @property
+    def runs_onnx(self) -> bool:
+        """Whether any job runs a user's ONNX file (the only models providers apply to)."""
+        embedded = all(getattr(self, job) == name for job, name in EMBEDDED.items())
+        return not embedded or self.enhancer is not None
+
+    def ignored_runtime(self) -> str | None:
+        """Why GPU settings do nothing here, or None: the embedded models always run on
+        the CPU (LiteRT and dlib), so ``--execution-provider cuda`` alone would silently
+        change nothing."""
+        asked = [name for name in self.runtime.providers if name != "cpu"]
+        if self.runs_onnx or not (asked or self.runtime.fp16):
+            return None
+        what = " ".join(f"--execution-provider {name}" for name in asked) or "--fp16"
+        return (
+            f"{what} has no effect: only the embedded models run, always on the CPU; GPU "
+            "providers apply to ONNX models (--swapper, --detector, --recogniser, --enhancer "
+            "with --models-dir)"
+        )
+
     def describe(self) -> str:
         """For logs and the output's provenance mark."""
         parts = [f"{job}={getattr(self, job)}" for job in ("detector", "recogniser", "swapper")]

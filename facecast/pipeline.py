@@ -29,7 +29,7 @@ from facecast.media.image_io import read_image, write_image
 from facecast.media.kind import detect_kind
 from facecast.media.mark import make_mark
 from facecast.media.overlay import draw_label
-from facecast.media.sink import VideoFileSink
+from facecast.media.sink import VideoFileSink, VideoQuality
 from facecast.media.source import VideoFileSource
 from facecast.modelset import ModelChoice, load_models
 from facecast.swap.mesh_swapper import SwapOptions
@@ -60,6 +60,7 @@ class EngineOptions:
 @dataclass
 class FrameResult:
     faces: int = 0
+    chosen: int = 0  # faces the selection picked (all, largest, index:N, references)
     swapped: int = 0
 
 
@@ -70,16 +71,22 @@ class RunStats:
     frames: int = 0
     frames_swapped: int = 0
     frames_without_face: int = 0
+    # frames that showed faces of which the selection picked none (index:N past the count)
+    frames_none_chosen: int = 0
+    most_faces: int = 0  # the most faces seen in one frame, to say what index:N can be
     faces_swapped: int = 0
     clock: StageClock = field(default_factory=StageClock)
 
     def count(self, result: FrameResult) -> None:
         self.frames += 1
         self.faces_swapped += result.swapped
+        self.most_faces = max(self.most_faces, result.faces)
         if result.swapped:
             self.frames_swapped += 1
         elif result.faces == 0:
             self.frames_without_face += 1
+        if result.faces and not result.chosen:
+            self.frames_none_chosen += 1
 
 
 class SwapEngine:
@@ -164,9 +171,10 @@ class SwapEngine:
             with clock.stage("track"):
                 faces = self.temporal.settle(image, faces, seconds)
         self.last_faces = faces
-        result = FrameResult(faces=len(faces))
+        chosen = self._chosen(image, faces, clock)
+        result = FrameResult(faces=len(faces), chosen=len(chosen))
         self.last_swaps = []
-        for face, ref in self._chosen(image, faces, clock):
+        for face, ref in chosen:
             own_face = None if ref is None else self.references[ref][1]
             source = own_face or self.source
             colour = self.temporal.colour_settler(face) if self.temporal is not None else None
@@ -229,15 +237,34 @@ def swap_file(
     output: Path,
     options: EngineOptions | None = None,
     progress: ProgressCallback | None = None,
+    quality: VideoQuality | None = None,
 ) -> RunStats:
-    """Swap ``source``'s face into an image or a video file (chosen by content)."""
+    """Swap ``source``'s face into an image or a video file (chosen by content).
+    ``quality``: how a video output is encoded (images ignore it)."""
     options = options or EngineOptions()
     if not output.parent.is_dir():
         raise MediaError(f"{output}: cannot write there, folder {output.parent} does not exist")
+    if same_file(target, output):
+        raise MediaError(f"{output}: that is the target itself; write the result elsewhere")
     kind = detect_kind(target)
+    log.debug("%s: %s target; models %s", target, kind, options.models.describe())
     if kind == "image":
-        return swap_image_file(source, target, output, options)
-    return swap_video_file(source, target, output, options, progress)
+        stats = swap_image_file(source, target, output, options)
+    else:
+        stats = swap_video_file(source, target, output, options, progress, quality)
+    clock = stats.clock
+    log.debug(
+        "ms per call: %s",
+        ", ".join(f"{name} {clock.mean_ms(name):.1f}" for name in sorted(clock.calls)),
+    )
+    return stats
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and relative spellings included)."""
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()
 
 
 def _engine_for(source: Path, options: EngineOptions) -> SwapEngine:
@@ -255,6 +282,12 @@ def swap_image_file(source: Path, target: Path, output: Path, options: EngineOpt
     image = read_image(target)
     stats = RunStats()
     stats.count(engine.process(image, stats.clock))
+    if stats.frames_none_chosen and options.selection.mode == "index":
+        # an image has one frame: writing it unchanged would hide the mistake
+        raise MediaError(
+            f"{target}: --faces {options.selection} chooses no face, the image shows "
+            f"{stats.most_faces} (index:0 to index:{stats.most_faces - 1}); nothing written"
+        )
     write_image(output, image, output_mark(source, options))
     return stats
 
@@ -302,6 +335,7 @@ def swap_video_file(
     output: Path,
     options: EngineOptions,
     progress: ProgressCallback | None = None,
+    quality: VideoQuality | None = None,
 ) -> RunStats:
     """Every frame, in order, through decode ∥ analyse+swap ∥ encode on three threads joined
     by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
@@ -315,7 +349,8 @@ def swap_video_file(
         if engine.temporal is not None:
             engine.temporal.fps = float(src.fps)  # the smoothing's time base
         total = src.frame_count or None
-        with VideoFileSink.for_source(output, src, mark=output_mark(source, options)) as sink:
+        mark = output_mark(source, options)
+        with VideoFileSink.for_source(output, src, mark=mark, quality=quality) as sink:
             decoded: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
             to_encode: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
             writer_errors: list[BaseException] = []

@@ -21,7 +21,7 @@ from facecast.media.image_io import read_image, read_image_mark, write_image
 from facecast.media.kind import detect_kind
 from facecast.media.mark import MARK_KEY, make_mark, parse_mark, read_mark, read_video_mark
 from facecast.media.overlay import draw_label, label_box
-from facecast.media.sink import TranscodeStats, VideoFileSink, transcode
+from facecast.media.sink import TranscodeStats, VideoFileSink, VideoQuality, transcode
 from facecast.media.source import VideoFileSource
 
 from .media_helpers import (
@@ -495,7 +495,7 @@ def test_truncated_faststart_clip_transcodes_the_readable_part(tmp_path):
     full = faststart_copy(CLIP, tmp_path / "fs.mp4")
     src = truncated_copy(full, tmp_path / "fs_half.mp4")
     dst = tmp_path / "out.mp4"
-    stats = transcode(src, dst, lambda f: None, preset="ultrafast")
+    stats = transcode(src, dst, lambda f: None, quality=VideoQuality(preset="ultrafast"))
     assert 100 < stats.frames < CLIP_FRAMES
     video = probe_streams(dst, count_frames=True)["streams"][0]
     assert int(video["nb_read_frames"]) == stats.frames
@@ -504,7 +504,8 @@ def test_truncated_faststart_clip_transcodes_the_readable_part(tmp_path):
 def test_corrupted_clip_is_skipped_over_not_fatal(tmp_path):
     full = faststart_copy(CLIP, tmp_path / "fs.mp4")
     src = corrupted_copy(full, tmp_path / "bad.mp4", hits=40)
-    stats = transcode(src, tmp_path / "out.mp4", lambda f: None, preset="ultrafast")
+    quality = VideoQuality(preset="ultrafast")
+    stats = transcode(src, tmp_path / "out.mp4", lambda f: None, quality=quality)
     assert stats.frames > CLIP_FRAMES * 0.9
     assert stats.bad_packets > 0
 

@@ -1,4 +1,5 @@
-"""Writing video files: H.264 (libx264) video, the input's audio remuxed, the mark in the tags.
+"""Writing video files: H.264 by default (x265 or VP9 on request), the input's audio remuxed,
+the mark in the tags.
 
 Timing is copied, not invented: the encoder works in the source's time base and every
 frame keeps its pts, so the output has the input's frame count, duration and audio sync
@@ -38,6 +39,62 @@ _AAC_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}  # anything else: do
 
 _MOV_FAMILY = {"mp4", "mov", "m4v", "3gp", "3g2"}
 
+# The encoders a video file can be written with (--output-video-encoder), each with its
+# constant-quality scale. All three come with PyAV's own FFmpeg build.
+VIDEO_ENCODERS = {"libx264": 51, "libx265": 51, "libvpx-vp9": 63}
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
+
+
+@dataclass(frozen=True)
+class VideoQuality:
+    """How a video file is encoded: the encoder, its constant-quality value (lower is
+    better; None: the encoder's sensible default) and its speed preset (x264 names; VP9
+    gets the matching ``cpu-used``)."""
+
+    encoder: str = "libx264"
+    crf: float | None = None
+    preset: str = "veryfast"
+
+    def __post_init__(self) -> None:
+        if self.encoder not in VIDEO_ENCODERS:
+            raise MediaError(
+                f"video encoder {self.encoder!r}: use one of {', '.join(VIDEO_ENCODERS)}"
+            )
+        top = VIDEO_ENCODERS[self.encoder]
+        if self.crf is not None and not 0 <= self.crf <= top:
+            raise MediaError(f"crf {self.crf:g}: {self.encoder} takes 0 (best) to {top}")
+        if self.preset not in X264_PRESETS:
+            raise MediaError(f"preset {self.preset!r}: use one of {', '.join(X264_PRESETS)}")
+        try:
+            av.codec.Codec(self.encoder, "w")
+        except (av.FFmpegError, ValueError) as exc:  # an FFmpeg built without it
+            raise MediaError(f"video encoder {self.encoder} is not in this FFmpeg build") from exc
+
+    def codec_options(self) -> dict[str, str]:
+        """The encoder's own options for this quality and speed."""
+        if self.encoder == "libvpx-vp9":
+            # constant quality needs b:v 0; cpu-used 8 (fastest) .. 0 (slowest) mirrors the
+            # x264 preset ladder
+            crf = 32 if self.crf is None else self.crf
+            cpu_used = 8 - X264_PRESETS.index(self.preset)
+            return {"crf": f"{crf:g}", "b": "0", "deadline": "good", "cpu-used": str(cpu_used)}
+        # x264 and x265 share presets and crf; 20 and 24 look alike (x265 is ~50 % smaller)
+        crf = (20 if self.encoder == "libx264" else 24) if self.crf is None else self.crf
+        options = {"preset": self.preset, "crf": f"{crf:g}"}
+        if self.encoder == "libx265":
+            options["x265-params"] = "log-level=error"  # x265 prints its banner otherwise
+        return options
+
 
 def bgr_to_video_frame(image: np.ndarray) -> av.VideoFrame:
     """A BGR image (even width and height) as a yuv420p frame for the encoder.
@@ -72,10 +129,8 @@ class VideoFileSink:
         time_base: Fraction | None = None,
         audio_template: av.AudioStream | None = None,
         mark: dict[str, str] | None = None,
-        codec: str = "libx264",
-        preset: str = "veryfast",
+        quality: VideoQuality | None = None,
         tune: str | None = None,
-        crf: float = 20,
         keyint: int | None = None,
         faststart: bool = True,
         sample_aspect_ratio: Fraction | None = None,
@@ -108,7 +163,9 @@ class VideoFileSink:
         except (av.FFmpegError, OSError) as exc:
             raise MediaError(f"{self.path}: cannot create output ({exc})") from exc
         try:
-            self._setup(codec, preset, tune, crf, keyint, sample_aspect_ratio, mark, audio_template)
+            self._setup(
+                quality or VideoQuality(), tune, keyint, sample_aspect_ratio, mark, audio_template
+            )
         except BaseException:
             self._discard()
             raise
@@ -144,22 +201,21 @@ class VideoFileSink:
 
     def _setup(
         self,
-        codec: str,
-        preset: str,
+        quality: VideoQuality,
         tune: str | None,
-        crf: float,
         keyint: int | None,
         sample_aspect_ratio: Fraction | None,
         mark: dict[str, str] | None,
         audio_template: av.AudioStream | None,
     ) -> None:
         out = self._container
+        codec = quality.encoder
         if codec not in out.supported_codecs:
             raise MediaError(
                 f"{self.path}: the {out.format.name} format cannot hold {codec} video; "
-                "use .mp4, .mkv or .mov"
+                "use .mp4 or .mkv"
             )
-        options = {"preset": preset, "crf": f"{crf:g}"} if codec == "libx264" else {}
+        options = quality.codec_options()
         if tune:
             options["tune"] = tune
         try:
@@ -349,7 +405,7 @@ def transcode(
     ``process`` returns the new image (or None after editing ``frame.image`` in place).
     Frames are handled one at a time in order, nothing is dropped; audio is remuxed.
     ``progress`` gets the number of frames done after each one. ``mark`` defaults to
-    ``make_mark()``; ``sink_options`` go to ``VideoFileSink`` (preset, crf, ...).
+    ``make_mark()``; ``sink_options`` go to ``VideoFileSink`` (quality, keyint, ...).
     """
     stats = TranscodeStats()
     start = time.perf_counter()
