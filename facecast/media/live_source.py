@@ -34,11 +34,24 @@ must exceed the publisher's keyframe interval: nginx-rtmp forwards video to a ne
 only from the next keyframe, and FLV creates its video stream on the first video packet,
 so a short probe (the often-quoted ``analyzeduration=500000, probesize=65536``) opens the
 stream with audio only, and PyAV never delivers packets of streams that appear later.
+
+Retry cadence. A failed open is either "down" (connection refused, a host name that does not
+resolve, a timeout, anything unknown): ``Backoff``'s exponential delays, so a server that is
+down or restarting is not hammered by every reader; or "absent": the server answered that
+nothing is published there (nginx-rtmp refusing the play of a key, an HLS 404), or a
+listening input (UDP, RTP) heard nothing for ``open_timeout``. An absent input is looked at
+again within ``ABSENT_POLL_S`` (jittered), however long it has been away, so a returning
+publisher's stream is back within that plus its next keyframe instead of a grown backoff
+(up to 10 s) later. The cost: one short session per second at a server that is up anyway
+(nginx-rtmp logs a "stream not found" line for each). Repeated failures are logged once per
+reason, then as a "still waiting" summary every ``WAITING_SUMMARY_S``.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import ipaddress
 import logging
 import shutil
 import socket
@@ -69,6 +82,11 @@ MAX_CONSECUTIVE_READ_ERRORS = 32
 UDP_FIFO_PACKETS = 50_000  # FFmpeg's UDP ring buffer, in 188-byte units (~9 MB)
 UDP_SOCKET_BUFFER = 4 << 20  # kernel receive buffer: a 1 s hiccup of a 20 Mb/s stream
 SRT_BRIDGE = "srt-live-transmit"  # Debian package srt-tools; PyAV's FFmpeg has no libsrt
+# Longest wait between looks at an input that is up but has nothing to give yet (a key nobody
+# publishes on, a UDP port nobody sends to): see "Retry cadence" in the module docstring.
+ABSENT_POLL_S = 1.0
+WAITING_SUMMARY_S = 15.0  # while an input stays down: one "still waiting" line this often
+LISTENING_KINDS = frozenset({"udp", "rtp", "sdp"})  # the open itself waits for a sender
 
 Halted = Callable[[], bool]
 
@@ -402,7 +420,12 @@ class _Handoff:
 
 
 class _OpenFailed(Exception):
-    pass
+    """An open that failed, with its reason in words. ``absent``: the server (or a listening
+    socket) is there but nothing is published yet, so the next look can come soon."""
+
+    def __init__(self, reason: str, absent: bool = False):
+        super().__init__(reason)
+        self.absent = absent
 
 
 @dataclass
@@ -476,6 +499,10 @@ class StreamSource:
         self._reader: threading.Thread | None = None
         self._halt = threading.Event()
         self._last_failure = ""
+        self._news = False  # the last failure was logged as news (not a repeat)
+        self._down_since: float | None = None  # monotonic; None while up (or never tried)
+        self._down_attempts = 0  # failed attempts since then
+        self._next_summary = 0.0  # when the next "still waiting" line is due
         self.bridge_pid: int | None = None  # the SRT bridge of the current connection
 
     # ------------------------------------------------------------------ public
@@ -557,8 +584,8 @@ class StreamSource:
                 except _OpenFailed as exc:
                     if halted():
                         return
-                    self._set_down(f"cannot connect ({exc})")
-                    if not self._wait_retry(halted):
+                    self._set_down(str(exc) if exc.absent else f"cannot connect ({exc})")
+                    if not self._wait_retry(halted, absent=exc.absent):
                         return
                     continue
                 self._set_up(session)
@@ -604,9 +631,14 @@ class StreamSource:
             # the bridge's own connect timeout, and a stop is seen within 50 ms, instead
             # of waiting out PyAV's open timeouts on a UDP port nobody sends to.
             if not bridge.wait_connected(self.open_timeout, halted):
-                reason = bridge.exit_reason() if not bridge.alive() else "SRT connect timed out"
+                if bridge.alive():
+                    # A listener that nobody called is the SRT form of "nothing published".
+                    listening = _srt_listens(self.url)
+                    reason = "no SRT caller yet" if listening else "SRT connect timed out"
+                else:
+                    listening, reason = False, bridge.exit_reason()
                 bridge.stop()
-                raise _OpenFailed(reason)
+                raise _OpenFailed(reason, absent=listening)
         # Files cannot block; everything else gets the interrupt-callback bounds.
         timeout = (self.open_timeout, self.stall_timeout) if plan.live else None
         started = time.monotonic()
@@ -619,14 +651,19 @@ class StreamSource:
             if isinstance(exc, av.error.ExitError) or (
                 time.monotonic() - started >= self.open_timeout
             ):
-                reason = f"nothing readable within {self.open_timeout:g} s"
+                absent = plan.kind in LISTENING_KINDS
+                within = f"within {self.open_timeout:g} s"
+                if absent:
+                    reason = f"no data arriving {within} (sender not running?)"
+                else:
+                    reason = f"nothing readable {within}"
             else:
-                reason = _describe(exc)
+                reason, absent = _explain_open(exc, plan.kind, self.url)
             if bridge is not None:
                 if not bridge.alive():
-                    reason = bridge.exit_reason()
+                    reason, absent = bridge.exit_reason(), False
                 bridge.stop()
-            raise _OpenFailed(reason) from exc
+            raise _OpenFailed(reason, absent=absent) from exc
         try:
             if not container.streams.video:
                 found = ", ".join(s.type for s in container.streams) or "nothing"
@@ -667,29 +704,58 @@ class StreamSource:
         if params is not None:
             self._audio = params
         self.connected = True
-        self.state_since = time.monotonic()
+        self.state_since = now = time.monotonic()
         self._last_failure = ""
         self.bridge_pid = session.bridge.pid if session.bridge is not None else None
         size = f"{video.width}x{video.height}" if video.width else "size unknown yet"
         fps = f"{float(self.fps):.2f} fps" if self.fps else "fps unknown"
         sound = f" + {audio.name}" if audio is not None else ", no audio"
-        log.info("%s: connected (%s, %s, %s%s)", self.name, size, fps, video.name, sound)
+        down = ""
+        if self._down_since is not None:
+            gap = now - self._down_since
+            down = f" after {gap:.1f} s down and {self._down_attempts} failed attempts"
+            self._down_since = None
+        log.info("%s: connected (%s, %s, %s%s)%s", self.name, size, fps, video.name, sound, down)
 
     def _set_down(self, reason: str) -> None:
         was_up = self.connected
         self.connected = False
-        self.state_since = time.monotonic()
-        # A repeat of the same failure while retrying is routine: keep the log readable.
-        level = logging.WARNING if was_up or reason != self._last_failure else logging.INFO
-        log.log(level, "%s: %s", self.name, reason)
+        now = time.monotonic()
+        if was_up or self._down_since is None:
+            # Down since the loss: a retry once a second is not a change of state.
+            self.state_since = self._down_since = now
+            self._down_attempts = 0
+            self._next_summary = now + WAITING_SUMMARY_S
+        if not was_up:
+            self._down_attempts += 1  # a failed open (the loss itself is not an attempt)
+        # The loss, or a new reason for failing, is news: one line. The same failure again
+        # on every retry (once a second while a publisher is away) is routine: a summary
+        # now and then shows the input is still tried, without flooding the log.
+        self._news = was_up or reason != self._last_failure
+        if self._news:
+            log.warning("%s: %s", self.name, reason)
+        elif now >= self._next_summary:
+            self._next_summary = now + WAITING_SUMMARY_S
+            log.info(
+                "%s: still waiting (%d failed attempts in %.0f s): %s",
+                self.name,
+                self._down_attempts,
+                now - self._down_since,
+                reason,
+            )
+        else:
+            log.debug("%s: %s", self.name, reason)
         self._last_failure = reason
 
-    def _wait_retry(self, halted: Halted) -> bool:
-        delay = self.backoff.next_delay()
+    def _wait_retry(self, halted: Halted, absent: bool = False) -> bool:
+        # An absent input is polled, a failing one backs off: see "Retry cadence" above.
+        delay = self.backoff.poll_delay(ABSENT_POLL_S) if absent else self.backoff.next_delay()
         if delay is None:
             log.error("%s: giving up after %d attempts", self.name, self.backoff.attempts or 0)
             return False
-        log.info("%s: retry in %.1f s", self.name, delay)
+        how = f" (then every ≤ {ABSENT_POLL_S:g} s while it is away)" if absent else ""
+        level = logging.INFO if self._news else logging.DEBUG
+        log.log(level, "%s: retry in %.1f s%s", self.name, delay, how)
         return not _sleep(delay, halted)
 
     def _pump(self, session: _Session, halted: Halted, handoff: _Handoff) -> str | None:
@@ -741,7 +807,7 @@ class StreamSource:
                     return None
             except OSError as exc:
                 # I/O failure (PyAV's errno errors subclass OSError): the link is gone.
-                return None if halted() else f"read error ({_describe(exc)})"
+                return None if halted() else _explain_read(exc, self.plan.kind)
             except av.FFmpegError as exc:
                 # Damaged data: the demuxer resyncs after it, so skip and read on.
                 errors += 1
@@ -870,6 +936,62 @@ def _describe(exc: BaseException) -> str:
     """A one-line reason without PyAV's repeated URL."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return str(text).split(": '", 1)[0]
+
+
+def _explain_open(exc: BaseException, kind: str, url: str) -> tuple[str, bool]:
+    """Why an open failed, in words that say what is wrong (FFmpeg's errno text often does
+    not), and whether it means "absent": the server is up but nothing is published there."""
+    code = getattr(exc, "errno", None)
+    if kind == "rtmp" and code == errno.EPERM:
+        # FFmpeg's RTMP client returns -1, which is AVERROR(EPERM) ("Operation not
+        # permitted"), when the server answers with an error status. nginx-rtmp answers the
+        # play of a key nobody publishes on with NetStream.Play.StreamNotFound ("No such
+        # stream") and closes; FFmpeg only logs that text, PyAV does not pass it on.
+        return "no publisher on this key (the server refused to play it)", True
+    if kind in ("hls", "http") and isinstance(exc, av.error.HTTPNotFoundError):
+        return "not found (HTTP 404): nothing published there yet", True
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    if code == errno.ECONNREFUSED:
+        return f"connection refused: no server listening on {where}", False
+    if code == errno.EIO and parts.hostname and _unresolvable(parts.hostname):
+        # FFmpeg reports a failed name lookup as a bare EIO.
+        return f"cannot resolve host name {parts.hostname!r}", False
+    if kind == "rtmp" and code == errno.EIO:
+        # Fast EIO (a timeout is reported before this is reached): nginx-rtmp hangs up this
+        # way on an application name it does not have.
+        return f"the server at {where} closed the connection (unknown application?)", False
+    return _describe(exc), False
+
+
+def _explain_read(exc: BaseException, kind: str) -> str:
+    """Why a read failed. RTMP reports its TCP connection closing as EIO: nginx-rtmp closes
+    its readers' connections when the publisher leaves (``idle_streams off``)."""
+    if kind == "rtmp" and getattr(exc, "errno", None) == errno.EIO:
+        return "server closed the connection: publisher gone?"
+    return f"read error ({_describe(exc)})"
+
+
+def _unresolvable(host: str) -> bool:
+    """True if ``host`` is a name the resolver does not know (an IP literal never is)."""
+    try:
+        ipaddress.ip_address(host)
+        return False
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _srt_listens(url: str) -> bool:
+    """Whether the SRT bridge for ``url`` waits for a caller (``mode=listener``, or no host)."""
+    parts = urlsplit(url)
+    return dict(parse_qsl(parts.query)).get("mode") == "listener" or not parts.hostname
 
 
 __all__ = [
