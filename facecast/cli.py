@@ -125,6 +125,10 @@ UpdateDocsFlag = Annotated[
         "--update-docs", help="Also rewrite this benchmark's table in docs/benchmarks.md."
     ),
 ]
+HostFlag = Annotated[
+    str,
+    typer.Option(metavar="ADDRESS", help="Listen address; loopback only unless a token is set."),
+]
 DEFAULT_RESULTS = REPO / "bench" / "results"
 
 
@@ -631,12 +635,7 @@ def serve(
             help="Stream key -> source face and options [env FACECAST_PROFILES].",
         ),
     ] = None,
-    host: Annotated[
-        str,
-        typer.Option(
-            metavar="ADDRESS", help="Listen address; loopback only unless a token is set."
-        ),
-    ] = "0.0.0.0",
+    host: HostFlag = "0.0.0.0",
     http_port: Annotated[int, typer.Option(metavar="PORT", help="HTTP control plane port.")] = 8080,
     rtmp_port: Annotated[int, typer.Option(metavar="PORT", help="RTMP ingest port.")] = 1935,
     hls_port: Annotated[
@@ -662,7 +661,7 @@ def serve(
     import threading
 
     from facecast.live import _stop_on_signals
-    from facecast.profiles import default_state_dir
+    from facecast.profiles import resolve_state_dir
     from facecast.service import Service, load_profiles
 
     try:
@@ -676,7 +675,7 @@ def serve(
             http_port=http_port,
             rtmp_port=rtmp_port,
             hls_port=hls_port,
-            state_dir=state_dir or default_state_dir(),
+            state_dir=resolve_state_dir(state_dir),
         )
         stop = threading.Event()
         with _stop_on_signals(stop):
@@ -687,12 +686,7 @@ def serve(
 
 @app.command()
 def web(
-    host: Annotated[
-        str,
-        typer.Option(
-            metavar="ADDRESS", help="Listen address; loopback only unless a token is set."
-        ),
-    ] = "0.0.0.0",
+    host: HostFlag = "0.0.0.0",
     port: Annotated[int, typer.Option(metavar="PORT", help="HTTP port.")] = 8080,
     max_sessions: Annotated[
         int, typer.Option(metavar="N", help="Browser sessions open at once.")

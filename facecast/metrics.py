@@ -2,13 +2,22 @@
 
 A custom collector, not counters incremented on the hot path: the live stages already count
 everything in ``LiveStats``/``StageClock``, so the exposition is exactly what the streams
-did, and a stream that is gone simply stops being reported. One registry per server (no
-global state), so tests and several servers in one process do not collide.
+did. One registry per server (no global state), so tests and several servers in one process
+do not collide.
+
+A stream that ended is still reported, with its final values, for as long as the manager
+keeps it listed (``StreamManager.retention``, 300 s by default): otherwise the frames it
+handled between the last scrape and its end would never reach Prometheus. Its
+``facecast_stream_up`` is 0, and ``facecast_streams_active`` counts running streams only.
+When it expires it stops being reported; a new stream on the key starts its counters from
+0, which Prometheus reads as a counter reset.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterable, Iterator
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -17,8 +26,10 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from facecast.config import ModelSettings
 from facecast.streams import StreamManager, dropped_frames
 from facecast.timing import Histogram
 
@@ -66,8 +77,8 @@ class StreamCollector(Collector):
             faces.add_metric([key], stats.faces_last)
             reconnects.add_metric([key, "input"], source.reconnects)
             reconnects.add_metric([key, "output"], sink.reconnects if sink else 0)
-            up.add_metric([key, "input"], 1 if source.connected else 0)
-            up.add_metric([key, "output"], 1 if sink is not None and sink.connected else 0)
+            up.add_metric([key, "input"], 1 if handle.input_up() else 0)
+            up.add_metric([key, "output"], 1 if handle.output_up() else 0)
             _add_histogram(latency, [key], stats.latency_histogram)
             for stage, histogram in sorted(stats.clock.histograms.items()):
                 _add_histogram(stages, [key, stage], histogram)
@@ -82,9 +93,46 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str], hist: Histo
     family.add_metric(labels, buckets=hist.cumulative(), sum_value=hist.sum)
 
 
+class BuildInfoCollector(Collector):
+    """``facecast_build_info``: always 1, the labels say what runs. The usual Prometheus idiom:
+    count by version to see a rollout's progress, or join it onto other series."""
+
+    def __init__(self) -> None:
+        # Read once: the code running in this process does not change when the installed
+        # package does, so a later look-up could report a version that is not running.
+        self.labels = build_labels()
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "facecast_build_info", "Always 1; the labels say what runs.", labels=list(self.labels)
+        )
+        info.add_metric(list(self.labels.values()), 1)
+        yield info
+
+
+def build_labels() -> dict[str, str]:
+    """The installed package's version, the Python version and the built-in default swapper."""
+    try:
+        version = metadata.version("facecast")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = "unknown"
+    return {
+        "version": version,
+        "python": platform.python_version(),
+        # The built-in default, not FACECAST_SWAPPER: each stream may pick its own swapper
+        # (profiles), so one process-wide label could only ever name the default.
+        "default_swapper": str(ModelSettings.model_fields["swapper"].default),
+    }
+
+
 def make_registry(manager: StreamManager, extra: Iterable[Collector] = ()) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StreamCollector(manager))
+    registry.register(BuildInfoCollector())
+    # process_* (CPU, RSS, open fds, start time) on this registry, not the global default:
+    # no state shared between servers in one process. It reads /proc, so off Linux it
+    # simply reports nothing.
+    ProcessCollector(registry=registry)
     for collector in extra:
         registry.register(collector)
     return registry

@@ -5,23 +5,34 @@ Routes:
 - ``GET /readyz``: 200 when models load and every stream's input is up, else 503 with the
   reasons (readiness).
 - ``GET /metrics``: Prometheus text format (see ``facecast.metrics``).
-- ``GET /api/streams``, ``GET /api/streams/{key}``: status of each stream.
-- ``POST /api/streams/{key}/source``: a new source face, as the raw body of a JPEG or PNG
-  upload (``Content-Type: image/jpeg``), used from the stream's next frame.
+- ``GET /api/streams``, ``GET /api/streams/{key}``: status of each stream, running or ended
+  within the manager's retention (``state``: running, ended or failed; times in ISO-8601
+  UTC).
+- ``POST /api/streams/{key}/source``: a new source face, used from the stream's next frame;
+  409 once the stream has ended. ``facecast serve`` also makes it the key's profile face
+  (``on_source``), so the next publish on the key keeps it.
 - ``POST /api/streams/{key}/swapping``: ``{"enabled": false}`` passes frames through.
+
+An image upload is the raw body (a JPEG or PNG, whatever the ``Content-Type`` says) or
+``multipart/form-data`` with the image in a part named ``file`` (``curl -F file=@face.jpg``).
+Both get the same checks: 413 over the size limit, 415 when the bytes are not a JPEG or
+PNG, 422 when the image cannot be used.
 
 Security: routes that change anything need ``Authorization: Bearer <FACECAST_API_TOKEN>``.
 Without a configured token they are open, so ``serve_http`` then binds to loopback only
-and says so. Uploads are size-limited before they are read whole, typed by their bytes,
-and decoded in memory: nothing from a request ever names a file.
+and says so. Uploads are size-limited while they arrive (a raw body and every multipart
+part alike: nothing oversize is ever held whole), typed by their bytes, and decoded in
+memory: nothing from a request ever names a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,16 +40,27 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.concurrency import run_in_threadpool
 
 from facecast.errors import FacecastError, MediaError, NoFaceError
 from facecast.media.image_io import UnsupportedImageError, decode_image_bytes
 from facecast.metrics import CONTENT_TYPE, exposition, make_registry
-from facecast.streams import StreamManager, UnknownStreamError
+from facecast.streams import StreamEndedError, StreamManager, UnknownStreamError
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 LOOPBACK = "127.0.0.1"
+# room in a multipart body for the boundaries and part headers around the images
+FORM_OVERHEAD = 64 * 1024
+UPLOAD_FIELD = "file"  # the multipart part holding a single-image upload (curl -F file=@x)
+
+# Called on the event loop after a stream took a new face through the API: (key, image,
+# name) -> whether the face was kept for the key's next publish too.
+SourceHook = Callable[[str, np.ndarray, str], bool]
 
 
 class SwappingRequest(BaseModel):
@@ -46,7 +68,10 @@ class SwappingRequest(BaseModel):
 
 
 def create_app(
-    manager: StreamManager, token: str | None, max_upload: int = MAX_UPLOAD_BYTES
+    manager: StreamManager,
+    token: str | None,
+    max_upload: int = MAX_UPLOAD_BYTES,
+    on_source: SourceHook | None = None,
 ) -> FastAPI:
     app = FastAPI(title="facecast", docs_url="/api/docs", openapi_url="/api/openapi.json")
     registry = make_registry(manager)
@@ -82,29 +107,44 @@ def create_app(
 
     @app.post("/api/streams/{key}/source", dependencies=guard)
     async def set_source(key: str, request: Request) -> dict[str, Any]:
-        try:
-            manager.get(key)
-        except UnknownStreamError as exc:
-            raise HTTPException(404, str(exc)) from None
+        with stream_errors():
+            manager.running(key)  # 404/409 before the upload is read
         name = f"upload for {key}"
         image = await read_image_upload(request, max_upload, name)
-        try:
-            manager.set_source(key, image, name)
-        except NoFaceError as exc:
-            raise HTTPException(422, str(exc)) from None
-        except UnknownStreamError as exc:
-            raise HTTPException(404, str(exc)) from None
-        return {"key": key, "source_face": name, "width": image.shape[1], "height": image.shape[0]}
+        with stream_errors():
+            # face detection takes a while: off the loop, where the hooks are served
+            await run_in_threadpool(manager.set_source, key, image, name)
+        # back on the loop, where the profile handlers run one at a time
+        kept = on_source(key, image, name) if on_source is not None else False
+        return {
+            "key": key,
+            "source_face": name,
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "profile_updated": kept,
+        }
 
     @app.post("/api/streams/{key}/swapping", dependencies=guard)
     def set_swapping(key: str, body: SwappingRequest) -> dict[str, Any]:
-        try:
+        with stream_errors():
             manager.set_swapping(key, body.enabled)
-        except UnknownStreamError as exc:
-            raise HTTPException(404, str(exc)) from None
         return {"key": key, "swapping": body.enabled}
 
     return app
+
+
+@contextlib.contextmanager
+def stream_errors() -> Iterator[None]:
+    """Stream errors as HTTP ones: 404 for an unknown key, 409 for an ended stream, 422 for
+    a photo with no face."""
+    try:
+        yield
+    except UnknownStreamError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except StreamEndedError as exc:
+        raise HTTPException(409, str(exc)) from None
+    except NoFaceError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def bearer_guard(token: str | None) -> list[Any]:
@@ -125,8 +165,14 @@ def bearer_guard(token: str | None) -> list[Any]:
 
 
 async def read_image_upload(request: Request, limit: int, name: str) -> np.ndarray:
-    """The request body as an image, or the HTTP error that says what is wrong with it."""
-    return decode_upload(await read_limited(request, limit), name)
+    """The uploaded image (the raw body, or the multipart part ``file``), or the HTTP error
+    that says what is wrong with it."""
+    if is_multipart(request):
+        parts = await read_form(request, limit, (UPLOAD_FIELD,), required=(UPLOAD_FIELD,))
+        data = parts[UPLOAD_FIELD]
+    else:
+        data = await read_limited(request, limit)
+    return decode_upload(data, name)
 
 
 def decode_upload(data: bytes, name: str) -> np.ndarray:
@@ -153,6 +199,112 @@ async def read_limited(request: Request, limit: int) -> bytes:
             raise HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def read_form(
+    request: Request, limit: int, fields: Collection[str], required: Collection[str] = ()
+) -> dict[str, bytes]:
+    """The parts of a ``multipart/form-data`` body, by name: only ``fields``, each at most
+    ``limit`` bytes, each of ``required`` present. Parsed as the body arrives, so an oversize
+    part is refused (413) without being held whole; an unknown or repeated part, a missing
+    one or a broken body gets 422."""
+    over = HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
+    total = len(fields) * limit + FORM_OVERHEAD  # the parts and the framing around them
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > total:
+        raise over
+    form = FormParts(_boundary(request), limit, fields)
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > total:
+            raise over
+        form.feed(chunk)
+    return form.finish(required)
+
+
+def _boundary(request: Request) -> bytes:
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary", b"")
+    if not boundary:
+        raise HTTPException(422, "multipart body without a boundary in its Content-Type")
+    return boundary
+
+
+class FormParts:
+    """A streaming ``multipart/form-data`` parser that keeps only the parts it is told to,
+    each up to ``limit`` bytes: python-multipart's low-level parser, because Starlette's
+    ``request.form()`` spools any size of file to disk before a handler can refuse it."""
+
+    def __init__(self, boundary: bytes, limit: int, fields: Collection[str]) -> None:
+        self.limit, self.fields = limit, frozenset(fields)
+        self.parts: dict[str, bytearray] = {}
+        self._current: tuple[str, bytearray] | None = None
+        self._headers: dict[str, bytes] = {}
+        self._header = [bytearray(), bytearray()]  # field, value of the header being read
+        self._ended = False
+        try:
+            self._parser = MultipartParser(boundary, callbacks=self._callbacks())  # type: ignore[arg-type]
+        except (ValueError, MultipartParseError) as exc:  # e.g. a boundary over 70 bytes
+            raise HTTPException(422, f"multipart boundary: {exc}") from None
+
+    def _callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._header[0].extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._header[1].extend(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_end": self._end,
+        }
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise HTTPException(422, f"multipart body: {exc}") from None
+
+    def finish(self, required: Collection[str]) -> dict[str, bytes]:
+        if not self._ended:
+            raise HTTPException(422, "multipart body: it ends before its closing boundary")
+        missing = [name for name in required if name not in self.parts]
+        if missing:
+            raise HTTPException(422, f"multipart body: no part named {', '.join(missing)}")
+        return {name: bytes(data) for name, data in self.parts.items()}
+
+    def _part_begin(self) -> None:
+        self._current, self._headers = None, {}
+
+    def _header_end(self) -> None:
+        field, value = self._header
+        self._headers[bytes(field).decode("latin-1").lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get("content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name not in self.fields:
+            expected = ", ".join(sorted(self.fields))
+            raise HTTPException(422, f"multipart body: unknown part {name!r} (expected {expected})")
+        if name in self.parts:
+            raise HTTPException(422, f"multipart body: part {name!r} given twice")
+        self._current = (name, self.parts.setdefault(name, bytearray()))
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        assert self._current is not None  # data comes after its part's headers
+        name, buffer = self._current
+        buffer.extend(data[start:end])
+        if len(buffer) > self.limit:
+            raise HTTPException(413, f"{name}: upload over {self.limit // (1024 * 1024)} MB")
+
+    def _end(self) -> None:
+        self._ended = True
 
 
 def _model_problems() -> list[str]:

@@ -3,13 +3,22 @@
 A publisher pushes ``rtmp://HOST/live/KEY``. nginx asks the HTTP plane (``on_publish``)
 whether KEY may publish; a key with a profile is accepted and its pipeline starts, reading
 ``live/KEY`` and publishing ``swapped/KEY`` with the profile's face. When the publisher
-stops (``on_publish_done``) the pipeline stops. Everything lives on the ``Service`` object:
-several can run in one process (the tests do).
+stops (``on_publish_done``) the pipeline stops; the stream stays listed as ended (status,
+metrics) for the manager's retention, and a new publish on the key replaces it. Everything
+lives on the ``Service`` object: several can run in one process (the tests do).
 
 A profile may name references (reference mode): then only the people in those photos are
 swapped, each with the profile's face or a face of their own, and everyone else is left as
-they are. Profiles and their references change through the HTTP API; a change takes effect
-at the key's next publish.
+they are. Profiles and their references change through the HTTP API (``PUT``/``DELETE
+/api/profiles/KEY``, ``POST``/``DELETE /api/profiles/KEY/references``); a change takes
+effect at the key's next publish. A face changed on a running stream (``POST
+/api/streams/KEY/source``) becomes the key's profile face too, so a publisher that
+reconnects keeps it. Deleting a profile leaves a running stream on the key running until
+its publisher stops; the key is refused from its next publish.
+
+With a state folder (``state_dir``), every such change is saved there and laid over the
+``--profiles`` file at the next start (see ``facecast.profiles``). Without one, changes
+last until the process stops and uploads go to a temporary folder.
 """
 
 from __future__ import annotations
@@ -19,29 +28,33 @@ import binascii
 import contextlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import threading
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import cv2
 import numpy as np
-import yaml
 from fastapi import HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from facecast.config import Reference, StreamSettings
+from facecast.config import StreamSettings
 from facecast.errors import FacecastError
 from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.select import Selection
 from facecast.ingest import IngestServer
 from facecast.live import engine_options
+from facecast.profiles import (
+    BLENDS,
+    KEY_RE,
+    Profile,
+    ProfileState,
+    load_profiles,
+    store_image,
+)
 from facecast.server import (
     LOOPBACK,
     MAX_UPLOAD_BYTES,
@@ -50,112 +63,18 @@ from facecast.server import (
     bind_host,
     create_app,
     decode_upload,
+    is_multipart,
+    read_form,
     read_image_upload,
     read_limited,
 )
-from facecast.streams import StreamManager, UnknownStreamError
+from facecast.streams import DEFAULT_RETENTION, StreamManager, UnknownStreamError
 from facecast.web import mount_web
 from facecast.webrtc import WebSessions
 
 log = logging.getLogger(__name__)
 
-BLENDS = ("feather", "poisson")
-KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-@dataclass(frozen=True)
-class Profile:
-    """How one stream key is swapped."""
-
-    source: Path
-    faces: str = "all"
-    blend: str = "feather"
-    # reference mode: (photo of a person to swap, the face they get; None = ``source``)
-    references: tuple[Reference, ...] = ()
-    # models for this key only (detector, recogniser, swapper, enhancer), over serve's own
-    models: tuple[tuple[str, str], ...] = ()
-
-
-MODEL_FIELDS = ("detector", "recogniser", "swapper", "enhancer")
-
-
-def load_profiles(path: Path) -> dict[str, Profile]:
-    """``KEY: {source: PHOTO, faces: ..., blend: ..., references: [...]}`` from a YAML file.
-    Each reference is ``PHOTO`` or ``{photo: PHOTO, face: FACE}``. A relative photo path is
-    relative to the file. Every problem is reported with the key it is under."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise FacecastError(f"{path}: cannot read the profiles ({exc})") from None
-    if not isinstance(data, dict):
-        raise FacecastError(f"{path}: expected a mapping of stream key to profile")
-    profiles = {}
-    for key, entry in data.items():
-        where = f"{path}: profile {key!r}"
-        if not isinstance(entry, dict) or "source" not in entry:
-            raise FacecastError(f"{where}: needs at least `source: PHOTO`")
-        unknown = set(entry) - {"source", "faces", "blend", "references", *MODEL_FIELDS}
-        if unknown:
-            raise FacecastError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
-        source = Path(entry["source"])
-        source = source if source.is_absolute() else path.parent / source
-        profile = Profile(
-            source,
-            str(entry.get("faces", "all")),
-            str(entry.get("blend", "feather")),
-            _load_references(entry.get("references"), path.parent, where),
-            tuple((job, str(entry[job])) for job in MODEL_FIELDS if entry.get(job)),
-        )
-        try:
-            Selection.parse(profile.faces)
-        except ValueError as exc:
-            raise FacecastError(f"{where}: {exc}") from None
-        if profile.blend not in BLENDS:
-            raise FacecastError(f"{where}: blend must be one of {', '.join(BLENDS)}")
-        if not source.is_file():
-            raise FacecastError(f"{where}: source photo {source} not found")
-        profiles[str(key)] = profile
-    return profiles
-
-
-REFERENCE_FORMS = "PHOTO or {photo: PHOTO, face: FACE}"
-
-
-def _load_references(value: Any, folder: Path, where: str) -> tuple[Reference, ...]:
-    """A profile's ``references:`` list, each photo checked to exist."""
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise FacecastError(f"{where}: references must be a list, each item {REFERENCE_FORMS}")
-    references = []
-    for index, item in enumerate(value):
-        at = f"{where}: references[{index}]"
-        if isinstance(item, str):
-            fields: dict[Any, Any] = {"photo": item}
-        elif isinstance(item, dict):
-            fields = item
-            unknown = set(map(str, fields)) - {"photo", "face"}
-            if unknown:
-                raise FacecastError(f"{at}: unknown fields {', '.join(sorted(unknown))}")
-            if "photo" not in fields:
-                raise FacecastError(f"{at}: needs `photo: PHOTO`")
-        else:
-            raise FacecastError(f"{at}: expected {REFERENCE_FORMS}")
-        paths: dict[str, Path | None] = {"photo": None, "face": None}
-        for name in paths:
-            given = fields.get(name)
-            if given is None and name == "face":
-                continue
-            if not isinstance(given, str) or not given.strip():
-                raise FacecastError(f"{at}: {name} must be a photo's path")
-            photo = Path(given)
-            photo = photo if photo.is_absolute() else folder / photo
-            if not photo.is_file():
-                raise FacecastError(f"{at}: {name} {photo} not found")
-            paths[name] = photo
-        assert paths["photo"] is not None
-        references.append((paths["photo"], paths["face"]))
-    return tuple(references)
+__all__ = ["Profile", "Service", "load_profiles"]  # load_profiles: serve's and tests' import
 
 
 class Service:
@@ -171,12 +90,17 @@ class Service:
         prefix: Path | None = None,
         base: StreamSettings | None = None,
         max_upload: int = MAX_UPLOAD_BYTES,
+        state_dir: Path | None = None,
+        retention: float = DEFAULT_RETENTION,
     ) -> None:
-        """Nothing starts until ``start()``: ``app`` can be driven on its own (tests do)."""
-        self.profiles = dict(profiles)
+        """Nothing starts until ``start()``: ``app`` can be driven on its own (tests do).
+        ``profiles``: from the ``--profiles`` file; ``state_dir``: where the API's changes
+        are kept across restarts, laid over ``profiles`` here (None: not kept);
+        ``retention``: seconds an ended stream stays listed."""
         self.max_upload = max_upload
         self.base = base or StreamSettings()
-        self.manager = StreamManager()
+        self.manager = StreamManager(retention)
+        self._load_profiles(profiles, state_dir)
         self.host = bind_host(host, token)
         self.http_port = http_port
         hook = f"http://{LOOPBACK}:{http_port}/hooks/rtmp"
@@ -184,36 +108,60 @@ class Service:
         self.ingest = IngestServer(
             rtmp_port, hls_port, prefix, on_publish_url=hook, listen=self.host
         )
-        self.app = create_app(self.manager, token, max_upload)
+        self.app = create_app(self.manager, token, max_upload, on_source=self._source_changed)
         # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
         self.web = WebSessions(engine_options(self.base))
         mount_web(self.app, self.web, token, max_upload)
+        self._add_routes(token)
+        self._http: ThreadedServer | None = None
+        self._lock = threading.Lock()
+
+    def _load_profiles(self, from_file: dict[str, Profile], state_dir: Path | None) -> None:
+        """The profiles in force: the file's, with the state's changes laid over them."""
+        self._file_keys = set(from_file)
+        self._state = ProfileState(state_dir) if state_dir is not None else None
+        # Faces uploaded through the API: a private folder, files named by us, never by
+        # the request; kept with the state, else temporary.
+        if self._state is not None:
+            self._uploads = self._state.faces
+            self._changed, self._deleted = self._state.load()
+            self._state.prune_faces(self._changed)
+        else:
+            self._uploads = Path(tempfile.mkdtemp(prefix="facecast-faces-"))
+            self._changed, self._deleted = {}, set()
+        self.profiles = {k: p for k, p in from_file.items() if k not in self._deleted}
+        self.profiles.update(self._changed)
+        if self._changed or self._deleted:
+            log.info(
+                "state %s: %d profile(s) set and %d deleted through the API",
+                state_dir,
+                len(self._changed),
+                len(self._deleted),
+            )
+
+    def _add_routes(self, token: str | None) -> None:
+        guard = bearer_guard(token)
         self.app.add_api_route("/hooks/rtmp", self._rtmp_hook, methods=["POST"])
+        self.app.add_api_route("/api/profiles", self._list_profiles, methods=["GET"])
         self.app.add_api_route(
-            "/api/profiles/{key}",
-            self._put_profile,
-            methods=["PUT"],
-            dependencies=bearer_guard(token),
+            "/api/profiles/{key}", self._put_profile, methods=["PUT"], dependencies=guard
+        )
+        self.app.add_api_route(
+            "/api/profiles/{key}", self._delete_profile, methods=["DELETE"], dependencies=guard
         )
         self.app.add_api_route(
             "/api/profiles/{key}/references",
             self._add_reference,
             methods=["POST"],
-            dependencies=bearer_guard(token),
+            dependencies=guard,
             openapi_extra={"requestBody": REFERENCE_BODY},
         )
         self.app.add_api_route(
             "/api/profiles/{key}/references",
             self._clear_references,
             methods=["DELETE"],
-            dependencies=bearer_guard(token),
+            dependencies=guard,
         )
-        self.app.add_api_route("/api/profiles", self._list_profiles, methods=["GET"])
-        # Faces uploaded for new profiles: a private folder, files named by us, never by
-        # the request.
-        self._uploads = Path(tempfile.mkdtemp(prefix="facecast-faces-"))
-        self._http: ThreadedServer | None = None
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -238,12 +186,14 @@ class Service:
         self.ingest.stop()
         if self._http is not None:
             self._http.stop()
-        shutil.rmtree(self._uploads, ignore_errors=True)
+        if self._state is None:  # with a state folder, the uploads are part of the state
+            shutil.rmtree(self._uploads, ignore_errors=True)
 
     # ------------------------------------------------------------------ profiles API
 
-    # Handlers that read or change ``profiles`` are coroutines: they all run on the event
-    # loop, one at a time, so a change is never seen half made.
+    # Handlers that read or change ``profiles`` run on the event loop (coroutines, and the
+    # stream-source hook, which server.py calls there), one at a time between awaits, so a
+    # change is never seen half made. Each reads the profile again after its last await.
 
     async def _list_profiles(self) -> dict[str, Any]:
         return {
@@ -260,9 +210,9 @@ class Service:
     async def _put_profile(
         self, key: str, request: Request, faces: str = "all", blend: str = "feather"
     ) -> dict[str, Any]:
-        """A profile for ``key`` from an uploaded face photo (the request body); options as
-        query parameters. A key's references are kept. Takes effect at the key's next
-        publish."""
+        """A profile for ``key`` from an uploaded face photo (the body, or the multipart
+        part ``file``); options as query parameters. A key's references are kept. Takes
+        effect at the key's next publish."""
         if not KEY_RE.fullmatch(key):
             raise HTTPException(422, "stream key: 1-64 letters, digits, '-' or '_'")
         try:
@@ -277,46 +227,114 @@ class Service:
         path = self._store(image)
         old = self.profiles.get(key)
         kept = (old.references, old.models) if old else ((), ())
-        self.profiles[key] = Profile(path, faces, blend, *kept)
+        self._commit(key, Profile(path, faces, blend, *kept))
         log.info("profile %s: set through the API", key)
         return {"key": key, "faces": faces, "blend": blend}
 
-    async def _add_reference(self, key: str, request: Request) -> dict[str, Any]:
-        """One more person for ``key``'s profile to swap (reference mode): the body is
-        ``{"photo": BASE64, "face": BASE64}``, ``face`` optional (then the profile's face).
-        Takes effect at the key's next publish."""
+    async def _delete_profile(self, key: str) -> dict[str, Any]:
+        """Remove ``key``'s profile: its publishers are refused from now on. A stream
+        already running on the key runs on, with the faces it loaded, until its publisher
+        stops (cutting a live audience off is the publisher's call, not a side effect)."""
         if key not in self.profiles:
             raise HTTPException(404, f"no profile for stream key {key!r}")
-        # two images, each at most max_upload once decoded: base64 is 4/3 of that, plus
-        # room for line breaks and the JSON around them
-        body = await read_limited(request, 3 * self.max_upload)
-        images = _reference_images(body, self.max_upload, key)
+        self._commit(key, None)
+        try:
+            running = self.manager.get(key).running
+        except UnknownStreamError:
+            running = False
+        log.info("profile %s: deleted through the API", key)
+        return {"key": key, "deleted": True, "stream_running": running}
+
+    async def _add_reference(self, key: str, request: Request) -> dict[str, Any]:
+        """One more person for ``key``'s profile to swap (reference mode): the body is
+        ``{"photo": BASE64, "face": BASE64}``, or multipart parts ``photo`` and ``face``;
+        ``face`` optional (then the profile's face). Takes effect at the key's next
+        publish."""
+        if key not in self.profiles:
+            raise HTTPException(404, f"no profile for stream key {key!r}")
+        images = await self._reference_upload(request, key)
         for what, image in images.items():
             await run_in_threadpool(_require_face, image, f"reference {what} for {key}")
+        profile = self.profiles.get(key)  # again: it may have been deleted meanwhile
+        if profile is None:
+            raise HTTPException(404, f"no profile for stream key {key!r}")
         photo = self._store(images["photo"])
         face = self._store(images["face"]) if "face" in images else None
-        profile = self.profiles[key]  # read again after the awaits: profiles are never removed
         profile = replace(profile, references=(*profile.references, (photo, face)))
-        self.profiles[key] = profile
+        self._commit(key, profile)
         log.info("profile %s: reference %d added through the API", key, len(profile.references))
         return {"key": key, "references": _reference_names(profile)}
 
+    async def _reference_upload(self, request: Request, key: str) -> dict[str, np.ndarray]:
+        """``photo`` and maybe ``face``, from multipart parts or a JSON body, decoded."""
+        if is_multipart(request):
+            parts = await read_form(request, self.max_upload, REFERENCE_FIELDS, ("photo",))
+            return {
+                what: decode_upload(data, f"reference {what} for {key}")
+                for what, data in parts.items()
+            }
+        # two images, each at most max_upload once decoded: base64 is 4/3 of that, plus
+        # room for line breaks and the JSON around them
+        body = await read_limited(request, 3 * self.max_upload)
+        return _reference_images(body, self.max_upload, key)
+
     async def _clear_references(self, key: str) -> dict[str, Any]:
         """Back to swapping by ``faces`` for ``key``, from its next publish. The stored files
-        stay until the service stops: a stream starting now may still be reading them."""
+        stay until the service starts again: a stream starting now may still be reading
+        them."""
         profile = self.profiles.get(key)
         if profile is None:
             raise HTTPException(404, f"no profile for stream key {key!r}")
-        self.profiles[key] = replace(profile, references=())
+        self._commit(key, replace(profile, references=()))
         log.info("profile %s: references cleared through the API", key)
         return {"key": key, "references": []}
 
+    def _source_changed(self, key: str, image: np.ndarray, name: str) -> bool:
+        """A running stream took a new face through the API: it becomes the key's profile
+        face, so a publisher that reconnects (a new pipeline) keeps it. False when the key
+        has no profile any more (deleted while the stream ran): nothing to keep it in."""
+        profile = self.profiles.get(key)
+        if profile is None:
+            return False
+        try:
+            self._commit(key, replace(profile, source=self._store(image)))
+        except HTTPException as exc:
+            raise HTTPException(
+                exc.status_code,
+                f"the stream has the new face, but it is not kept for the key's next "
+                f"publish: {exc.detail}",
+            ) from None
+        log.info("profile %s: face from %s, kept for the next publish", key, name)
+        return True
+
+    def _commit(self, key: str, profile: Profile | None) -> None:
+        """Set ``key``'s profile (None: delete it), saved to the state folder first: if
+        that fails (507), nothing changes, so memory is never ahead of the disk."""
+        changed, deleted = dict(self._changed), set(self._deleted)
+        if profile is None:
+            changed.pop(key, None)
+            if key in self._file_keys:  # else it would come back from the file at start
+                deleted.add(key)
+        else:
+            changed[key] = profile
+            deleted.discard(key)
+        if self._state is not None:
+            try:
+                self._state.save(changed, deleted)
+            except OSError as exc:
+                raise HTTPException(507, f"cannot save the profiles' state: {exc}") from None
+        self._changed, self._deleted = changed, deleted
+        if profile is None:
+            del self.profiles[key]
+        else:
+            self.profiles[key] = profile
+
     def _store(self, image: np.ndarray) -> Path:
         """An uploaded image as a PNG in the private uploads folder, named by us."""
-        path = self._uploads / f"{uuid.uuid4().hex}.png"
-        if not cv2.imwrite(str(path), image):
-            raise HTTPException(500, "cannot store the uploaded image")
-        return path
+        try:
+            return store_image(self._uploads, image)
+        except OSError as exc:
+            raise HTTPException(507, f"cannot store the uploaded image: {exc}") from None
 
     def run(self, stop: threading.Event) -> None:
         self.start()
@@ -339,7 +357,9 @@ class Service:
             if key not in self.profiles:
                 log.warning("refused a publisher on unknown stream key %r", key)
                 raise HTTPException(403, f"unknown stream key {key!r}")
-            threading.Thread(target=self._start_stream, args=(key,), daemon=True).start()
+            # the profile as it is now, read here on the loop where the API changes it
+            args = (key, self.settings_for(key), self.profiles[key].source.name)
+            threading.Thread(target=self._start_stream, args=args, daemon=True).start()
         elif call == "publish_done":
             threading.Thread(target=self._stop_stream, args=(key,), daemon=True).start()
         return PlainTextResponse("ok")
@@ -359,7 +379,7 @@ class Service:
             }
         )
 
-    def _start_stream(self, key: str) -> None:
+    def _start_stream(self, key: str, settings: StreamSettings, source_name: str) -> None:
         with self._lock:
             try:
                 handle = self.manager.get(key)
@@ -368,9 +388,7 @@ class Service:
             if handle is not None and handle.running:
                 return  # a publisher back quickly: the running input reconnects by itself
             try:
-                self.manager.start(
-                    key, self.settings_for(key), source_name=self.profiles[key].source.name
-                )
+                self.manager.start(key, settings, source_name=source_name)
             except FacecastError as exc:
                 log.error("stream %s: cannot start: %s", key, exc)
 
@@ -381,29 +399,35 @@ class Service:
 
 # ---------------------------------------------------------------------------- API helpers
 
+REFERENCE_FIELDS = ("photo", "face")
+
+
+def _reference_schema(fmt: str, encoding: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["photo"],
+        "additionalProperties": False,
+        "properties": {
+            "photo": {
+                "type": "string",
+                "format": fmt,
+                "description": f"JPEG or PNG of the person to swap{encoding}",
+            },
+            "face": {
+                "type": "string",
+                "format": fmt,
+                "description": f"JPEG or PNG of the face they get{encoding}; "
+                "default: the profile's face",
+            },
+        },
+    }
+
+
 REFERENCE_BODY = {
     "required": True,
     "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["photo"],
-                "additionalProperties": False,
-                "properties": {
-                    "photo": {
-                        "type": "string",
-                        "format": "byte",
-                        "description": "JPEG or PNG of the person to swap, base64",
-                    },
-                    "face": {
-                        "type": "string",
-                        "format": "byte",
-                        "description": "JPEG or PNG of the face they get, base64; "
-                        "default: the profile's face",
-                    },
-                },
-            }
-        }
+        "application/json": {"schema": _reference_schema("byte", ", base64")},
+        "multipart/form-data": {"schema": _reference_schema("binary", "")},
     },
 }
 BODY_SHAPE = 'expected JSON {"photo": BASE64, "face": BASE64 (optional)}'

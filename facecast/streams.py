@@ -3,6 +3,17 @@
 ``StreamManager`` owns one ``LivePipeline`` per stream key, each on its own thread with its
 own engine, models and stats (no state shared between streams, none at module level). The
 HTTP plane and ``facecast serve`` drive it; metrics read it at scrape time.
+
+A stream that ends (its publisher left, its input ended, or an error stopped it) stays
+listed for ``retention`` seconds (default 300) with its final counts and ``state``
+``"ended"`` or ``"failed"``: the status API and Prometheus see how it finished, the last
+frames included. Its engine has released its models by then; only the counters are kept.
+A new start on the same key replaces it at once.
+
+Times in ``status()`` are ISO-8601 UTC wall-clock strings. The sources and sinks stamp
+their state changes with ``time.monotonic()`` (immune to clock steps, meaningless to an
+operator), so each handle converts them with one offset taken when it was made: a stamp
+reads the same in every request.
 """
 
 from __future__ import annotations
@@ -11,7 +22,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,9 +33,24 @@ from facecast.live import LivePipeline, build_pipeline
 
 log = logging.getLogger(__name__)
 
+# How long an ended stream stays listed (status API, metrics), in seconds.
+DEFAULT_RETENTION = 300.0
+
+State = Literal["running", "ended", "failed"]
+
 
 class UnknownStreamError(FacecastError):
     """No stream runs under that key."""
+
+
+class StreamEndedError(FacecastError):
+    """The stream under that key has ended: it is listed, but cannot be changed."""
+
+
+def iso_utc(epoch: float) -> str:
+    """``2026-11-29T19:30:00.123Z`` for a ``time.time()`` value."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -33,36 +60,64 @@ class StreamHandle:
     pipeline: LivePipeline
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)  # wall clock (epoch seconds)
     error: str | None = None
     source_name: str = ""
+    # monotonic time the pipeline's run returned; None while it runs
+    ended_at: float | None = None
+    # set by StreamManager.stop(): nobody waits for this stream any more (publisher gone)
+    released: bool = False
+    # wall minus monotonic, taken once so that converted stamps do not jitter between calls
+    clock_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
 
     @property
     def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        """From start until the pipeline's run returns (its counts are final after that)."""
+        return self.ended_at is None
+
+    @property
+    def state(self) -> State:
+        if self.running:
+            return "running"
+        return "failed" if self.error else "ended"
+
+    def wall_time(self, monotonic_at: float | None) -> str | None:
+        """A ``time.monotonic()`` stamp as ISO-8601 UTC, or None."""
+        return None if monotonic_at is None else iso_utc(monotonic_at + self.clock_offset)
+
+    def input_up(self) -> bool:
+        return self.running and bool(self.pipeline.source.connected)
+
+    def output_up(self) -> bool:
+        sink = self.pipeline.sink
+        return self.running and sink is not None and bool(sink.connected)
 
     def status(self) -> dict[str, Any]:
         """What an operator sees in ``/api/streams``."""
         pipeline, stats = self.pipeline, self.pipeline.stats
         source, sink = pipeline.source, pipeline.sink
-        elapsed = max(time.monotonic() - stats.started, 1e-6)
+        # an ended stream's rates are over its own life, not diluted by the time since
+        until = self.ended_at if self.ended_at is not None else time.monotonic()
+        elapsed = max(until - stats.started, 1e-6)
         return {
             "key": self.key,
+            "state": self.state,
             "running": self.running,
             "error": self.error,
-            "started": self.started,
+            "started": iso_utc(self.started),
+            "ended": self.wall_time(self.ended_at),
             "source_face": self.source_name,
             "swapping": pipeline.swapping,
             "input": {
                 "url": getattr(source, "name", self.settings.input),
-                "up": bool(source.connected),
-                "since": getattr(source, "state_since", None),
+                "up": self.input_up(),
+                "since": self.wall_time(getattr(source, "state_since", None)),
                 "reconnects": source.reconnects,
             },
             "output": {
                 "url": getattr(sink, "name", self.settings.output),
-                "up": bool(sink.connected) if sink else False,
-                "since": getattr(sink, "state_since", None),
+                "up": self.output_up(),
+                "since": self.wall_time(getattr(sink, "state_since", None)),
                 "reconnects": sink.reconnects if sink else 0,
             },
             "fps_in": stats.frames_in / elapsed,
@@ -94,9 +149,11 @@ def _finite(value: float) -> float | None:
 
 
 class StreamManager:
-    def __init__(self) -> None:
+    def __init__(self, retention: float = DEFAULT_RETENTION) -> None:
+        """``retention``: seconds an ended stream stays listed with its final counts."""
         self._streams: dict[str, StreamHandle] = {}
         self._lock = threading.Lock()
+        self.retention = retention
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -107,7 +164,7 @@ class StreamManager:
         source_image: np.ndarray | None = None,
         source_name: str | None = None,
     ) -> StreamHandle:
-        """Build and start the pipeline for ``key`` (replacing a stopped one). Raises
+        """Build and start the pipeline for ``key`` (replacing an ended one). Raises
         FacecastError for a bad face photo or settings, before anything runs."""
         with self._lock:
             old = self._streams.get(key)
@@ -137,15 +194,18 @@ class StreamManager:
             log.error("stream %s: stopped by an error: %s", handle.key, handle.error)
         else:
             log.info("stream %s: ended", handle.key)
+        finally:
+            # after run() returned: every counter is final when the state says so
+            handle.ended_at = time.monotonic()
 
     def stop(self, key: str, timeout: float = 15.0) -> None:
+        """Stop ``key``'s stream and wait for it to flush; it stays listed as ended for
+        ``retention`` seconds."""
         handle = self.get(key)
+        handle.released = True
         handle.stop.set()
         if handle.thread is not None:
             handle.thread.join(timeout)
-        with self._lock:
-            if self._streams.get(key) is handle:
-                del self._streams[key]
 
     def stop_all(self, timeout: float = 15.0) -> None:
         for handle in self.handles():
@@ -160,7 +220,9 @@ class StreamManager:
     # ------------------------------------------------------------------ control
 
     def get(self, key: str) -> StreamHandle:
+        """The stream under ``key``, running or ended within the retention."""
         with self._lock:
+            self._forget_expired()
             handle = self._streams.get(key)
         if handle is None:
             raise UnknownStreamError(f"no stream {key!r}")
@@ -168,12 +230,33 @@ class StreamManager:
 
     def handles(self) -> list[StreamHandle]:
         with self._lock:
+            self._forget_expired()
             return list(self._streams.values())
+
+    def _forget_expired(self) -> None:
+        """Drop streams that ended more than ``retention`` ago. Done on read, under the
+        lock: no timer thread, and nothing reads a stream between its expiry and this."""
+        now = time.monotonic()
+        expired = [
+            key
+            for key, handle in self._streams.items()
+            if handle.ended_at is not None and now - handle.ended_at > self.retention
+        ]
+        for key in expired:
+            del self._streams[key]
+
+    def running(self, key: str) -> StreamHandle:
+        """The stream under ``key`` if it still runs: StreamEndedError when it has ended
+        (a change to it would go nowhere)."""
+        handle = self.get(key)
+        if not handle.running:
+            raise StreamEndedError(f"stream {key!r} has ended")
+        return handle
 
     def set_source(self, key: str, image: np.ndarray, name: str) -> None:
         """A new source face for ``key``, used from its next frame. Raises NoFaceError
         (and keeps the old face) if the photo shows none."""
-        handle = self.get(key)
+        handle = self.running(key)
         # load_source prepares the face fully, then swaps one reference: the swap thread
         # sees either the old face or the new one, never half of each.
         handle.pipeline.engine.load_source(image, name=name)
@@ -181,15 +264,16 @@ class StreamManager:
         log.info("stream %s: source face is now %s", key, name)
 
     def set_swapping(self, key: str, enabled: bool) -> None:
-        self.get(key).pipeline.swapping = enabled
+        self.running(key).pipeline.swapping = enabled
         log.info("stream %s: swapping %s", key, "on" if enabled else "off")
 
     def readiness(self) -> list[str]:
         """Why the service is not ready (empty when it is): a stream whose input is down,
-        or that stopped with an error."""
+        or that stopped with an error while its publisher is still there (an ended,
+        released stream is history, not a fault)."""
         reasons = []
         for handle in self.handles():
-            if handle.error:
+            if handle.error and not handle.released:
                 reasons.append(f"stream {handle.key}: {handle.error}")
             elif handle.running and not handle.pipeline.source.connected:
                 reasons.append(f"stream {handle.key}: input down")

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import cv2
 import numpy as np
 import pytest
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
 
 from facecast.config import StreamSettings
 from facecast.ingest import free_port
-from facecast.server import create_app
+from facecast.server import create_app, read_form
 from facecast.streams import StreamManager
 from tests import live_helpers
 from tests.live_helpers import publish, stop_process, wait_until
@@ -159,3 +165,176 @@ def test_without_a_token_the_server_binds_to_loopback(caplog):
     assert bind_host("0.0.0.0", None) == "127.0.0.1"
     assert "FACECAST_API_TOKEN" in caplog.text
     assert bind_host("0.0.0.0", TOKEN) == "0.0.0.0"
+
+
+# ---------------------------------------------------------------------------- status over time
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """``(name, sorted label items) -> value`` of a Prometheus exposition."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def utc(text: str) -> float:
+    """An ISO-8601 time from the API as epoch seconds; it must say it is UTC."""
+    moment = datetime.fromisoformat(text)
+    assert moment.utcoffset() == timedelta(0), text
+    return moment.timestamp()
+
+
+def udp_stream(manager: StreamManager, key: str, out, **settings) -> None:
+    """A stream on a UDP input nobody publishes to: it runs (input down) until stopped."""
+    manager.start(
+        key,
+        StreamSettings(
+            source_image=FACE, input=f"udp://127.0.0.1:{free_port()}", output=str(out), **settings
+        ),
+    )
+
+
+def test_status_times_are_utc_wall_clock_and_an_ended_stream_stays_listed(manager, tmp_path):
+    handle = file_stream(manager, "cam", tmp_path / "cam.ts")  # paced: about 9 s
+    client = TestClient(create_app(manager, TOKEN))
+    assert wait_until(lambda: client.get("/api/streams/cam").json()["input"]["up"], 30)
+    status = client.get("/api/streams/cam").json()
+    # what the monotonic stamp means on the wall clock, worked out here independently
+    expected_since = time.time() - (time.monotonic() - handle.pipeline.source.state_since)
+    assert status["state"] == "running" and status["ended"] is None
+    assert abs(utc(status["started"]) - handle.started) < 0.002
+    assert abs(utc(status["input"]["since"]) - expected_since) < 0.05
+    assert utc(status["started"]) - 5 < utc(status["input"]["since"]) <= time.time()
+    assert status["output"]["since"] is None or utc(status["output"]["since"]) <= time.time()
+
+    assert wait_until(lambda: not handle.running, 90)  # the file ends
+    ended = client.get("/api/streams/cam").json()
+    stats = handle.pipeline.stats
+    assert ended["state"] == "ended" and ended["running"] is False and ended["error"] is None
+    assert utc(ended["started"]) < utc(ended["ended"]) <= time.time()
+    assert not ended["input"]["up"] and not ended["output"]["up"]
+    assert ended["frames"]["in"] == stats.frames_in > 100
+    assert ended["frames"]["swapped"] == stats.frames_swapped
+    time.sleep(0.5)
+    assert client.get("/api/streams").json()["streams"] == [ended]  # final: nothing moves
+    samples = metric_samples(client.get("/metrics").text)
+    for result in ("swapped", "passed", "failed", "dropped"):
+        labels = (("result", result), ("stream", "cam"))
+        assert samples[("facecast_frames_total", labels)] == ended["frames"][result], result
+    assert samples[("facecast_streams_active", ())] == 0
+    assert samples[("facecast_stream_up", (("side", "input"), ("stream", "cam")))] == 0
+
+    # an ended stream takes no more changes
+    face = (MEDIA / "biden.jpg").read_bytes()
+    assert client.post("/api/streams/cam/source", content=face, headers=AUTH).status_code == 409
+    reply = client.post("/api/streams/cam/swapping", json={"enabled": False}, headers=AUTH)
+    assert reply.status_code == 409 and "ended" in reply.json()["detail"]
+
+    # a new start on the key replaces the ended entry
+    again = file_stream(manager, "cam", tmp_path / "cam2.ts")
+    replaced = client.get("/api/streams/cam").json()
+    assert replaced["state"] == "running" and replaced["ended"] is None
+    assert utc(replaced["started"]) > utc(ended["started"])
+    assert manager.handles() == [again]
+
+
+def test_a_failed_stream_is_listed_as_failed_until_it_expires(manager, tmp_path):
+    udp_stream(manager, "ok", tmp_path / "ok.ts")
+    file_stream(manager, "bad", tmp_path / "missing-folder" / "bad.ts")  # the output fails
+    client = TestClient(create_app(manager, TOKEN))
+    assert wait_until(lambda: client.get("/api/streams/bad").json()["state"] == "failed", 30)
+    bad = client.get("/api/streams/bad").json()
+    assert "missing-folder" in bad["error"] and bad["ended"] is not None
+    assert client.get("/api/streams/ok").json()["state"] == "running"
+    # while its publisher is there, a failed stream is a reason not to be ready...
+    assert any("stream bad" in r for r in client.get("/readyz").json()["reasons"])
+    manager.stop("bad")  # ...once stopped (the publisher left) it is only history
+    assert not any("stream bad" in r for r in client.get("/readyz").json()["reasons"])
+    assert client.get("/api/streams/bad").json()["state"] == "failed"
+    samples = metric_samples(client.get("/metrics").text)
+    assert samples[("facecast_streams_active", ())] == 1
+    assert ("facecast_frames_total", (("result", "failed"), ("stream", "bad"))) in samples
+
+    manager.retention = 0.2
+    time.sleep(0.4)
+    assert client.get("/api/streams/bad").status_code == 404
+    assert [s["key"] for s in client.get("/api/streams").json()["streams"]] == ["ok"]
+    assert 'stream="bad"' not in client.get("/metrics").text
+
+
+# ---------------------------------------------------------------------------- multipart uploads
+
+
+def test_multipart_source_uploads_get_the_same_checks(manager, tmp_path):
+    udp_stream(manager, "cam1", tmp_path / "cam1.ts")
+    limit = 2 * 1024 * 1024
+    client = TestClient(create_app(manager, TOKEN, max_upload=limit))
+    url = "/api/streams/cam1/source"
+    face = (MEDIA / "biden.jpg").read_bytes()
+
+    def post(files, headers=AUTH):
+        return client.post(url, files=files, headers=headers)
+
+    assert post({"file": ("face.jpg", face, "image/jpeg")}, headers={}).status_code == 401
+    big = face + b"\0" * limit
+    reply = post({"file": ("face.jpg", big, "image/jpeg")})
+    assert reply.status_code == 413 and "MB" in reply.json()["detail"], reply.text
+    # the part's type and name say JPEG; the bytes are a PDF
+    reply = post({"file": ("face.jpg", b"%PDF-1.7\n" + b"x" * 500, "image/jpeg")})
+    assert reply.status_code == 415, reply.text
+    blank = np.full((300, 300, 3), 128, np.uint8)
+    blank[::7] = 90
+    reply = post({"file": ("blank.png", cv2.imencode(".png", blank)[1].tobytes(), "image/png")})
+    assert reply.status_code == 422 and "no face" in reply.json()["detail"], reply.text
+    reply = post({"photo": ("face.jpg", face, "image/jpeg")})
+    assert reply.status_code == 422 and "'photo'" in reply.json()["detail"], reply.text
+    reply = post([("file", ("a.jpg", face, "image/jpeg")), ("file", ("b.jpg", face, "image/jpeg"))])
+    assert reply.status_code == 422 and "twice" in reply.json()["detail"], reply.text
+    form = {**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}
+    assert client.post(url, content=b"not a form", headers=form).status_code == 422
+    cut = b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + face[:5000]
+    reply = client.post(url, content=cut, headers=form)  # no closing boundary
+    assert reply.status_code == 422 and "ends" in reply.json()["detail"], reply.text
+    no_boundary = {**AUTH, "Content-Type": "multipart/form-data"}
+    assert client.post(url, content=face, headers=no_boundary).status_code == 422
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="f.jpg"\r\n\r\n'
+        for _ in range(40):
+            yield b"\0" * (256 * 1024)
+        yield b"\r\n--xyz--\r\n"
+
+    assert client.post(url, content=chunked(), headers=form).status_code == 413
+
+    before = manager.get("cam1").pipeline.engine.source
+    good = post({"file": ("face.jpg", face, "image/jpeg")})
+    assert good.status_code == 200, good.text
+    assert good.json()["profile_updated"] is False  # no service: no profile to keep it in
+    assert manager.get("cam1").pipeline.engine.source is not before
+
+
+def test_a_multipart_part_over_the_limit_is_refused_while_it_arrives():
+    """The parser stops reading at the first part over the limit: the rest of a 64 MB body
+    is never pulled from the connection, let alone held."""
+    limit, chunk = 1024 * 1024, 64 * 1024
+    pulled = 0
+    head = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+
+    async def receive() -> dict:
+        nonlocal pulled
+        pulled += 1
+        body = head if pulled == 1 else b"\xff" * chunk
+        return {"type": "http.request", "body": body, "more_body": pulled < 1024}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=b0undary")],
+    }
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(read_form(Request(scope, receive), limit, ("file",)))
+    assert refused.value.status_code == 413
+    assert pulled <= limit // chunk + 3, pulled

@@ -14,7 +14,9 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+import yaml
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from facecast.errors import FacecastError
 from facecast.ingest import free_ports, port_accepts
@@ -23,7 +25,7 @@ from facecast.media.image_io import read_image
 from facecast.server import MAX_UPLOAD_BYTES
 from facecast.service import Service, load_profiles
 from tests import live_helpers
-from tests.live_helpers import publish, wait_for_stream
+from tests.live_helpers import publish, stop_process, wait_for_stream, wait_until
 
 from .conftest import MEDIA, REPO
 from .media_helpers import identity_distances
@@ -64,6 +66,7 @@ def service(tmp_path):
         rtmp_port=rtmp_port,
         hls_port=hls_port,
         prefix=tmp_path / "ingest",
+        state_dir=tmp_path / "state",
     )
     svc.start()
     yield svc
@@ -155,7 +158,7 @@ def test_serve_as_a_process_stops_everything_on_sigterm(tmp_path, live_procs):
     profiles = write_profiles(tmp_path, {"dave": "obama.jpg"})
     cmd = [sys.executable, "-m", "facecast.cli", "serve", "--profiles", str(profiles)]
     cmd += ["--http-port", str(http_port), "--rtmp-port", str(rtmp_port)]
-    cmd += ["--hls-port", str(hls_port)]
+    cmd += ["--hls-port", str(hls_port), "--state-dir", str(tmp_path / "state")]
     env = {**os.environ, "FACECAST_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
@@ -181,6 +184,7 @@ def test_serve_as_a_process_stops_everything_on_sigterm(tmp_path, live_procs):
     assert code == 0, log_path.read_text()[-3000:]
     assert not port_accepts(rtmp_port) and not port_accepts(http_port)  # nginx and HTTP gone
     assert "Traceback" not in log_path.read_text()
+    assert (tmp_path / "state" / "faces").is_dir()  # --state-dir reached the service
 
 
 # ---------------------------------------------------------------------------- references
@@ -433,3 +437,330 @@ def test_serve_refuses_to_start_on_a_port_in_use(tmp_path):
         with pytest.raises(FacecastError, match=f"did not start on 127.0.0.1:{http_port}"):
             svc.start()
     assert not port_accepts(rtmp_port)  # nginx was never started
+
+
+# ---------------------------------------------------------------------------- stream life
+# Real nginx and ffmpeg publishers on the `service` fixture (with a state folder).
+
+AUTH_ONLY = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def api_url(service: Service, path: str) -> str:
+    return f"http://127.0.0.1:{service.http_port}{path}"
+
+
+def stream_status(service: Service, key: str) -> dict | None:
+    reply = httpx.get(api_url(service, f"/api/streams/{key}"), timeout=10)
+    return reply.json() if reply.status_code == 200 else None
+
+
+def state_is(service: Service, key: str, state: str) -> bool:
+    status = stream_status(service, key)
+    return status is not None and status["state"] == state
+
+
+def frame_counters(service: Service, key: str) -> dict[str, float]:
+    text = httpx.get(api_url(service, "/metrics"), timeout=10).text
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "facecast_frames_total" and sample.labels["stream"] == key
+    }
+
+
+def test_an_ended_stream_keeps_its_final_counts_in_the_api_and_metrics(service, live_procs):
+    # a publisher that stops by itself after 12 s: nginx's publish_done ends the stream
+    live_procs.add(publish(service.ingest.rtmp_url("live", "alice"), CLIP, duration=12))
+    wait_for_stream(service.ingest.rtmp_url("swapped", "alice"), timeout=40)
+    assert state_is(service, "alice", "running")
+    assert wait_until(lambda: state_is(service, "alice", "ended"), 60), stream_status(
+        service, "alice"
+    )
+    ended = stream_status(service, "alice")
+    assert ended is not None and ended["frames"]["in"] > 0 and ended["ended"] is not None
+    counters = frame_counters(service, "alice")
+    print("ended", ended["frames"], "metrics", counters)
+    assert counters == {r: ended["frames"][r] for r in ("swapped", "passed", "failed", "dropped")}
+    assert counters["swapped"] > 0
+    time.sleep(1.0)
+    assert stream_status(service, "alice") == ended  # final values, and still listed
+    assert frame_counters(service, "alice") == counters
+    metrics = httpx.get(api_url(service, "/metrics"), timeout=10).text
+    assert "facecast_streams_active 0.0" in metrics
+    listed = httpx.get(api_url(service, "/api/streams"), timeout=10).json()["streams"]
+    assert [(s["key"], s["state"]) for s in listed] == [("alice", "ended")]
+
+    # a new publish on the key replaces the ended entry
+    live_procs.add(publish(service.ingest.rtmp_url("live", "alice"), CLIP, loop=True))
+    assert wait_until(lambda: state_is(service, "alice", "running"), 40)
+    again = stream_status(service, "alice")
+    assert again is not None and again["started"] > ended["started"]  # ISO UTC sorts as text
+    assert again["ended"] is None
+
+
+def test_a_face_changed_on_a_stream_survives_the_publishers_reconnect(
+    service, live_procs, analyser, embedder, tmp_path
+):
+    faces = {n: embedding(analyser, embedder, n) for n in ("biden.jpg", "alex-lacamoire.png")}
+    live_in, swapped = (service.ingest.rtmp_url(app, "bob") for app in ("live", "swapped"))
+    first = live_procs.add(publish(live_in, CLIP, loop=True))
+    wait_for_stream(swapped, timeout=40)
+    photo = (MEDIA / "alex-lacamoire.png").read_bytes()
+    reply = httpx.post(
+        api_url(service, "/api/streams/bob/source"),
+        files={"file": ("alex.png", photo, "image/png")},  # multipart, as curl -F sends it
+        headers=AUTH_ONLY,
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["profile_updated"] is True
+    profile = httpx.get(api_url(service, "/api/profiles"), timeout=10).json()["bob"]
+    assert profile["source"] != "biden.jpg" and profile["faces"] == "all"
+
+    stop_process(first)
+    assert wait_until(lambda: state_is(service, "bob", "ended"), 30)
+    live_procs.add(publish(live_in, CLIP, loop=True))
+    assert wait_until(lambda: state_is(service, "bob", "running"), 40)
+    wait_for_stream(swapped, timeout=40)
+    frames = grab_face_frames(swapped, analyser, 12, 40)
+    after = identity_distances(analyser, embedder, frames, faces)
+    print("after the reconnect", after)
+    assert after["alex-lacamoire.png"] < after["biden.jpg"]
+    assert stream_status(service, "bob")["source_face"] == profile["source"]
+
+    # and it is in the state: a service started on the same folder has it
+    restarted = make_service(tmp_path / "again", tmp_path / "profiles.yaml", tmp_path / "state")
+    try:
+        assert restarted.profiles["bob"] == service.profiles["bob"]
+        alex = read_image(MEDIA / "alex-lacamoire.png")
+        assert np.array_equal(read_image(restarted.profiles["bob"].source), alex)
+    finally:
+        restarted.stop()
+
+
+def test_deleting_a_profile_lets_its_stream_run_to_its_end_and_refuses_the_key_after(
+    service, live_procs
+):
+    live_in = service.ingest.rtmp_url("live", "bob")
+    publisher = live_procs.add(publish(live_in, CLIP, loop=True))
+    wait_for_stream(service.ingest.rtmp_url("swapped", "bob"), timeout=40)
+    url = api_url(service, "/api/profiles/bob")
+    assert httpx.delete(url, timeout=10).status_code == 401
+    assert (
+        httpx.delete(api_url(service, "/api/profiles/mallory"), headers=AUTH_ONLY).status_code
+        == 404
+    )
+    reply = httpx.delete(url, headers=AUTH_ONLY, timeout=10)
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"key": "bob", "deleted": True, "stream_running": True}
+    assert "bob" not in httpx.get(api_url(service, "/api/profiles"), timeout=10).json()
+    assert httpx.delete(url, headers=AUTH_ONLY, timeout=10).status_code == 404
+
+    # the running stream goes on...
+    before = stream_status(service, "bob")["frames"]["out"]
+    assert wait_until(lambda: stream_status(service, "bob")["frames"]["out"] > before + 10, 20)
+    assert state_is(service, "bob", "running")
+    # ...until its publisher stops; then the key is refused like any unknown one
+    stop_process(publisher)
+    assert wait_until(lambda: state_is(service, "bob", "ended"), 30)
+    ended = stream_status(service, "bob")
+    refused = live_procs.add(publish(live_in, CLIP, loop=True))
+    assert wait_until(lambda: refused.poll() is not None, 15), "nginx let a deleted key publish"
+    assert refused.returncode != 0
+    assert stream_status(service, "bob")["started"] == ended["started"]
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+def make_service(tmp_path, profiles_file, state) -> Service:
+    http_port, rtmp_port, hls_port = free_ports(3)
+    return Service(
+        load_profiles(profiles_file),
+        token=TOKEN,
+        http_port=http_port,
+        rtmp_port=rtmp_port,
+        hls_port=hls_port,
+        prefix=tmp_path / "ingest",
+        state_dir=state,
+    )
+
+
+def upload(name: str) -> dict:
+    return {"file": (name, (MEDIA / name).read_bytes(), "application/octet-stream")}
+
+
+def test_profile_changes_through_the_api_survive_a_restart(tmp_path):
+    path = tmp_path / "profiles.yaml"
+    state = tmp_path / "state"
+    path.write_text(
+        f"alice:\n  source: {MEDIA / 'obama.jpg'}\n"
+        f"bob:\n  source: {MEDIA / 'biden.jpg'}\n"
+        f"dave:\n  source: {MEDIA / 'obama.jpg'}\n"
+    )
+    svc = make_service(tmp_path, path, state)
+    client = TestClient(svc.app)
+    reply = client.put(
+        "/api/profiles/carol",
+        params={"faces": "largest", "blend": "poisson"},
+        files=upload("alex-lacamoire.png"),
+        headers=AUTH,
+    )
+    assert reply.status_code == 200, reply.text
+    references = {
+        "photo": ("lin.png", (MEDIA / "lin-manuel-miranda.png").read_bytes(), "image/png"),
+        "face": ("alex.png", (MEDIA / "alex-lacamoire.png").read_bytes(), "image/png"),
+    }
+    reply = client.post("/api/profiles/alice/references", files=references, headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    # a face that the next PUT replaces: stored in the state, then named by nothing
+    first = client.put("/api/profiles/alice", files=upload("obama.jpg"), headers=AUTH)
+    assert first.status_code == 200, first.text
+    replaced_face = svc.profiles["alice"].source
+    assert replaced_face.parent == state / "faces"
+    reply = client.put(
+        "/api/profiles/alice", content=(MEDIA / "biden.jpg").read_bytes(), headers=AUTH
+    )
+    assert reply.status_code == 200, reply.text
+    assert client.delete("/api/profiles/bob", headers=AUTH).status_code == 200
+    listed = client.get("/api/profiles").json()
+    assert sorted(listed) == ["alice", "carol", "dave"]
+    assert not list(state.rglob("*.tmp"))  # every write was moved into place whole
+    svc.stop()
+    saved = yaml.safe_load((state / "profiles.yaml").read_text())
+    assert sorted(saved["profiles"]) == ["alice", "carol"] and saved["deleted"] == ["bob"]
+
+    # meanwhile the operator edits the file: dave (never touched by the API) follows it;
+    # alice was changed through the API, so the state's alice wins
+    path.write_text(
+        f"alice:\n  source: {MEDIA / 'obama.jpg'}\n  blend: poisson\n"
+        f"bob:\n  source: {MEDIA / 'biden.jpg'}\n"
+        f"dave:\n  source: {MEDIA / 'obama.jpg'}\n  blend: poisson\n"
+    )
+    again = make_service(tmp_path, path, state)
+    try:
+        relisted = TestClient(again.app).get("/api/profiles").json()
+        assert sorted(relisted) == ["alice", "carol", "dave"]  # bob stays deleted
+        assert relisted["carol"] == listed["carol"]
+        assert relisted["carol"]["faces"] == "largest" and relisted["carol"]["blend"] == "poisson"
+        assert relisted["alice"] == listed["alice"] and relisted["alice"]["blend"] == "feather"
+        assert len(relisted["alice"]["references"]) == 1
+        assert relisted["dave"]["blend"] == "poisson"
+        settings = again.settings_for("alice")
+        ((photo, face),) = settings.references
+        assert np.array_equal(read_image(photo), read_image(MEDIA / "lin-manuel-miranda.png"))
+        assert np.array_equal(read_image(face), read_image(MEDIA / "alex-lacamoire.png"))
+        assert np.array_equal(read_image(settings.source_image), read_image(MEDIA / "biden.jpg"))
+        assert not replaced_face.exists()  # no profile names it any more: removed at start
+
+        # a deleted file key can be set again; a key only the API made can be deleted
+        client = TestClient(again.app)
+        assert (
+            client.put("/api/profiles/bob", files=upload("obama.jpg"), headers=AUTH).status_code
+            == 200
+        )
+        assert client.delete("/api/profiles/carol", headers=AUTH).status_code == 200
+    finally:
+        again.stop()
+    third = make_service(tmp_path, path, state)
+    try:
+        assert sorted(third.profiles) == ["alice", "bob", "dave"]
+        assert third.profiles["bob"].source.parent == state / "faces"
+    finally:
+        third.stop()
+    assert yaml.safe_load((state / "profiles.yaml").read_text())["deleted"] == []
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("profiles: [1, 2]\n", "expected `profiles:`"),
+        ("profiles: {}\ndeleted: 7\n", "expected `profiles:`"),
+        ("profiles:\n  alice:\n    source: faces/gone.png\n", r"'alice'.*gone.png not found"),
+        ("profiles: {alice: {source: x.png\n", "cannot read the profiles"),
+    ],
+)
+def test_a_broken_state_is_an_error_that_names_the_file(tmp_path, content, error):
+    path = write_profiles(tmp_path, {"alice": "obama.jpg"})
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "profiles.yaml").write_text(content)
+    with pytest.raises(FacecastError, match=error) as caught:
+        make_service(tmp_path, path, state)
+    assert str(state / "profiles.yaml") in str(caught.value)
+
+
+def test_profile_and_reference_uploads_take_multipart_with_the_same_checks(api, analyser):
+    svc, client = api
+    table = read_image(MEDIA / "group_t1.jpg")[600:, :400]  # a real photo with no face
+    assert analyser.analyse(table) == []
+    faceless, text = png(table), b"plain text, no image"
+    big = (MEDIA / "obama.jpg").read_bytes()
+    big += b"\0" * (MAX_UPLOAD_BYTES + 1 - len(big))
+    lin = (MEDIA / "lin-manuel-miranda.png").read_bytes()
+    alex = (MEDIA / "alex-lacamoire.png").read_bytes()
+
+    def put(data: bytes, field: str = "file"):
+        return client.put("/api/profiles/erin", files={field: ("x", data)}, headers=AUTH)
+
+    assert client.put("/api/profiles/erin", files={"file": ("x", alex)}).status_code == 401
+    assert put(big).status_code == 413
+    assert put(text).status_code == 415
+    reply = put(faceless)
+    assert reply.status_code == 422 and "no face" in reply.json()["detail"], reply.text
+    reply = put(alex, field="photo")
+    assert reply.status_code == 422 and "'photo'" in reply.json()["detail"], reply.text
+    assert "erin" not in svc.profiles
+    reply = put(alex)
+    assert reply.status_code == 200, reply.text
+    assert np.array_equal(
+        read_image(svc.profiles["erin"].source), read_image(MEDIA / "alex-lacamoire.png")
+    )
+
+    url = "/api/profiles/alice/references"
+
+    def post(**parts: bytes):
+        files = {name: (f"{name}.img", data) for name, data in parts.items()}
+        return client.post(url, files=files, headers=AUTH)
+
+    assert post(photo=big).status_code == 413
+    reply = post(photo=lin, face=big)
+    assert reply.status_code == 413 and "face" in reply.json()["detail"], reply.text
+    assert post(photo=text).status_code == 415
+    assert post(photo=lin, face=text).status_code == 415
+    reply = post(photo=faceless)
+    assert reply.status_code == 422 and "reference photo" in reply.json()["detail"], reply.text
+    reply = post(photo=lin, face=faceless)
+    assert reply.status_code == 422 and "reference face" in reply.json()["detail"], reply.text
+    reply = post(face=alex)
+    assert reply.status_code == 422 and "photo" in reply.json()["detail"], reply.text
+    reply = post(photo=lin, colour=b"red")
+    assert reply.status_code == 422 and "'colour'" in reply.json()["detail"], reply.text
+    assert svc.profiles["alice"].references == ()
+    assert len(list(svc._uploads.iterdir())) == 1  # erin's face; nothing refused was kept
+
+    assert post(photo=lin).status_code == 200
+    reply = post(photo=lin, face=alex)
+    assert reply.status_code == 200, reply.text
+    assert [r["face"] is None for r in reply.json()["references"]] == [True, False]
+    (_, none), (_, face) = svc.profiles["alice"].references
+    assert none is None and np.array_equal(
+        read_image(face), read_image(MEDIA / "alex-lacamoire.png")
+    )
+
+
+def test_the_default_state_folder_follows_xdg_and_an_unwritable_one_is_not_fatal(
+    tmp_path, monkeypatch, caplog
+):
+    from facecast.profiles import resolve_state_dir
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert resolve_state_dir(None) == tmp_path / "xdg" / "facecast"
+    assert (tmp_path / "xdg" / "facecast").is_dir()
+    assert resolve_state_dir(tmp_path / "mine") == tmp_path / "mine"  # asked for: as given
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_STATE_HOME", str(blocker))  # a read-only root fails the same way
+    assert resolve_state_dir(None) is None
+    assert "FACECAST_STATE_DIR" in caplog.text
