@@ -250,25 +250,31 @@ def png(image) -> bytes:
     return data.tobytes()
 
 
+def make_service(tmp_path, profiles_file, state) -> Service:
+    """A Service on free ports, not started; ``state``: its state folder, or None."""
+    http_port, rtmp_port, hls_port = free_ports(3)
+    return Service(
+        load_profiles(profiles_file),
+        token=TOKEN,
+        http_port=http_port,
+        rtmp_port=rtmp_port,
+        hls_port=hls_port,
+        prefix=tmp_path / "ingest",
+        state_dir=state,
+    )
+
+
 @pytest.fixture
 def api(tmp_path):
     """A Service never started, with its app under a test client: alice has no references,
     bob one from the YAML file."""
-    http_port, rtmp_port, hls_port = free_ports(3)
     path = tmp_path / "profiles.yaml"
     path.write_text(
         f"alice:\n  source: {MEDIA / 'obama.jpg'}\n"
         f"bob:\n  source: {MEDIA / 'biden.jpg'}\n"
         f"  references: [{MEDIA / 'lin-manuel-miranda.png'}]\n"
     )
-    svc = Service(
-        load_profiles(path),
-        token=TOKEN,
-        http_port=http_port,
-        rtmp_port=rtmp_port,
-        hls_port=hls_port,
-        prefix=tmp_path / "ingest",
-    )
+    svc = make_service(tmp_path, path, state=None)
     yield svc, TestClient(svc.app)
     svc.stop()
 
@@ -572,19 +578,6 @@ def test_deleting_a_profile_lets_its_stream_run_to_its_end_and_refuses_the_key_a
 
 
 # ---------------------------------------------------------------------------- persistence
-
-
-def make_service(tmp_path, profiles_file, state) -> Service:
-    http_port, rtmp_port, hls_port = free_ports(3)
-    return Service(
-        load_profiles(profiles_file),
-        token=TOKEN,
-        http_port=http_port,
-        rtmp_port=rtmp_port,
-        hls_port=hls_port,
-        prefix=tmp_path / "ingest",
-        state_dir=state,
-    )
 
 
 def upload(name: str) -> dict:
