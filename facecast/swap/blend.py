@@ -150,3 +150,17 @@ def sample_colours(lab: np.ndarray, points: np.ndarray, radius: int) -> np.ndarr
     spread = np.linalg.norm(means - np.median(means, axis=0), axis=1)
     limit = max(3.0 * float(np.median(spread)), 4.0)
     return np.concatenate([p for p, d in zip(patches, spread, strict=True) if d <= limit])
+
+
+def component_medians(labels: np.ndarray, values: np.ndarray, count: int) -> np.ndarray:
+    """The median of ``values`` over each label 0..count-1 of ``labels`` (0 where a label has
+    no pixel): one sort of all the pixels, so the cost does not grow with the label count."""
+    flat_labels, flat_values = labels.ravel(), values.ravel()
+    order = np.lexsort((flat_values, flat_labels))
+    sorted_values = flat_values[order]
+    counts = np.bincount(flat_labels, minlength=count)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    medians = np.zeros(count, np.float32)
+    present = counts > 0
+    medians[present] = sorted_values[starts[present] + counts[present] // 2]
+    return medians

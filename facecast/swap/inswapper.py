@@ -36,7 +36,7 @@ from facecast.faces.face import Face
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
 from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
 from facecast.swap import blend
-from facecast.swap.mesh_swapper import TARGET_OCCLUDER_DISTANCE, MeshSwapper, SwapOptions
+from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
 from facecast.timing import StageClock
 
 CROP_SIZE = 128
@@ -262,7 +262,7 @@ class InswapperSwapper:
             alpha *= 1.0 - blend.soft_holes(mouth, MOUTH_SOFTEN * face_width)
         if opts.keep_occluders:
             # a hand or microphone over the target's face is not skin-coloured: keep it
-            alpha *= self._masks.skin_mask(crop, points, TARGET_OCCLUDER_DISTANCE)
+            alpha *= 1.0 - self._masks.occluder_mask(crop, points)
         features = cv2.dilate(
             blend.polygon_mask((size, size), self._masks.feature_polygons(points)),
             np.ones((3, 3), np.uint8),
