@@ -831,6 +831,43 @@ def bench_faces(
         raise fail(str(exc)) from None
 
 
+@bench_app.command("quality")
+def bench_quality(
+    results: ResultsFlag = DEFAULT_RESULTS,
+    update_docs: UpdateDocsFlag = False,
+    pairs: Annotated[
+        str,
+        typer.Option(
+            metavar="WHICH",
+            help="all, tune (pairs onto the tuning people) or held-out (onto the others).",
+        ),
+    ] = "all",
+    video: Annotated[
+        bool, typer.Option("--video/--no-video", help="Also measure flicker on the sample clip.")
+    ] = True,
+) -> None:
+    """Swap quality on people the swap never saw, by two unrelated judges.
+
+    Person A's photo 1 goes onto person B's photo 1; the output is judged against A's and
+    B's other photos by dlib and by a recogniser of another family, beside the textbook
+    Delaunay swap, with expression errors and contact sheets.
+    """
+    from facecast.quality.bench import run_quality_bench
+
+    try:
+        run_quality_bench(
+            REPO / "tests" / "media",
+            EXAMPLES,
+            results,
+            console,
+            docs_for(update_docs),
+            video=video,
+            pairs=pairs,
+        )
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+
+
 def docs_for(update_docs: bool) -> Path | None:
     """The benchmarks page to rewrite, only when asked: the clone's own, never a
     docs/ folder of wherever the command happens to run."""

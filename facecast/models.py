@@ -78,6 +78,15 @@ REGISTRY: dict[str, ModelFile] = {
             "mesh triangles and feature contours (data only, parsed, never imported)",
         ),
         ModelFile(
+            "iris_landmark",
+            "iris_landmark.tflite",
+            MEDIAPIPE,
+            "d1744d2a09c25f501d39eba4faff47e53ecca8852c5ce19bce8eeac39357521f",
+            "Apache-2.0",
+            "64x64 RGB eye crop",
+            "iris centre per eye (gaze fidelity in the quality bench)",
+        ),
+        ModelFile(
             "dlib_shape5",
             "shape_predictor_5_face_landmarks.dat",
             DLIB_MODELS,
@@ -94,6 +103,16 @@ REGISTRY: dict[str, ModelFile] = {
             "CC0-1.0",
             "150x150 aligned chip",
             "128-D identity embedding",
+        ),
+        ModelFile(
+            "dlib_shape68",
+            "shape_predictor_68_face_landmarks.dat",
+            DLIB_MODELS,
+            "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f",
+            # dlib: trained on iBUG 300-W, whose terms exclude commercial use
+            "300-W terms, non-commercial",
+            "face box",
+            "68-point landmarks (the textbook reference swap in the quality bench)",
         ),
     )
 }

@@ -1,0 +1,1 @@
+"""Measuring swap quality: judges, reference swaps, expression fidelity, the quality bench."""

@@ -1,0 +1,239 @@
+"""Expression and pose fidelity: does the swapped face still do what the target face did?
+
+Both faces are measured on facecast's own 468-point mesh (``Face.mesh``), so a swap is judged
+by the same eyes that drive it. Indices are MediaPipe's canonical face-mesh numbering (the
+one ``faces/topology.py`` reads from ``face_mesh_connections.py``):
+
+- inner lips, centre: 13 (upper), 14 (lower) — the loop ``topology.inner_lips`` runs through;
+- eyelids, centre: 159 / 145 (subject's right eye), 386 / 374 (subject's left eye), the top
+  and bottom of ``FACEMESH_RIGHT_EYE`` / ``FACEMESH_LEFT_EYE``;
+- eye corners: 33 (outer) and 133 (inner) of the right eye, 362 (inner) and 263 (outer) of
+  the left — the pairs MediaPipe's own iris graph
+  (``iris_landmark_left_and_right_from_face_landmarks_cpu.pbtxt``) crops the eyes from, and
+  33 / 263 are ``faces/landmarks.py``'s roll reference;
+- head frame: symmetric pairs 33/263, 133/362, 234/454 (face-oval sides, by the ears) and
+  127/356 give the left-right axis; the forehead (10, 151, 109, 338), those eye corners and
+  the oval sides give the face plane. All are upper-face points, rigid with the skull: the
+  jaw and lips move with the expression and would leak into the pose. The pose is that
+  frame's rotation, read from the mesh's own 3-D points: cv2.solvePnP would need MediaPipe's
+  canonical face model, which the 0.10.21 wheel does not ship.
+
+Distances are 3-D (the mesh's z is in pixel scale), so a turned head does not shrink them.
+Openings are in % of the face's own inter-ocular distance (between the eye centres, each the
+midpoint of its two corners); for a swap, target and output share the frame's geometry, so
+an error is then in % of the target's inter-ocular distance.
+
+Gaze needs the iris, which the mesh model does not give. It comes from MediaPipe's iris
+model (``iris_landmark.tflite``, the same wheel as the mesh, registered in facecast/models.py)
+run the way MediaPipe's iris graph runs it: a 64x64 crop rotated along the eye corners, 2.3x
+the corners' extent, the subject's left eye mirrored. Chosen over a darkest-pixels estimate
+because a swap changes exactly what that estimate reads — skin tone, shadows under the brow,
+eyelashes and make-up on the lids — so it would report gaze errors the swap did not make.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import cv2
+import numpy as np
+
+from facecast.faces.face import Face
+from facecast.faces.landmarks import Roi
+from facecast.faces.litert import TFLiteModel
+from facecast.models import model_path
+
+UPPER_LIP, LOWER_LIP = 13, 14
+RIGHT_LIDS, LEFT_LIDS = (159, 145), (386, 374)
+# each eye's corners in image order (left, right) for an upright face
+RIGHT_CORNERS, LEFT_CORNERS = (33, 133), (362, 263)
+SYMMETRIC_PAIRS = ((33, 263), (133, 362), (234, 454), (127, 356))  # (subject's right, left)
+FACE_PLANE = (10, 151, 109, 338, 33, 133, 362, 263, 234, 454, 127, 356)
+# Those points' best plane leans back against the camera axis even in a level portrait (the
+# forehead and the ear-side oval lie behind the eye corners): 49.5 degrees on average over
+# the 16 portraits in tests/media (spread 4). Removing it makes a level face read about 0.
+PITCH_LEAN = -50.0
+
+IRIS_INPUT = 64
+IRIS_ROI_SCALE = 2.3  # MediaPipe's iris graph: the crop is 2.3x the corners' extent
+
+
+def _eye_centres(mesh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return mesh[list(RIGHT_CORNERS)].mean(0), mesh[list(LEFT_CORNERS)].mean(0)
+
+
+def inter_ocular(mesh: np.ndarray) -> float:
+    """3-D distance between the eye centres, in pixels."""
+    right, left = _eye_centres(mesh)
+    return float(np.linalg.norm(left - right))
+
+
+def _gap(mesh: np.ndarray, a: int, b: int) -> float:
+    return float(np.linalg.norm(mesh[a] - mesh[b]))
+
+
+def openings(mesh: np.ndarray) -> dict[str, float]:
+    """Mouth and eye openings in % of the inter-ocular distance."""
+    iod = inter_ocular(mesh)
+    return {
+        "mouth_open": 100.0 * _gap(mesh, UPPER_LIP, LOWER_LIP) / iod,
+        "eye_open_right": 100.0 * _gap(mesh, *RIGHT_LIDS) / iod,
+        "eye_open_left": 100.0 * _gap(mesh, *LEFT_LIDS) / iod,
+    }
+
+
+def head_pose(mesh: np.ndarray) -> dict[str, float]:
+    """Yaw, pitch and roll in degrees from the mesh's own 3-D points.
+
+    Image axes: x right, y down, z away from the camera. Yaw > 0 when the nose points to the
+    image's right, pitch > 0 when it points up, roll > 0 when the face turns clockwise on
+    screen (the subject's left eye, on the image's right, lower). Pitch keeps a few degrees
+    that depend on the face's shape (the forehead's slope): compare it, do not read it alone.
+    """
+    pts = mesh.astype(np.float64)
+    x_axis = _unit(sum(_unit(pts[left] - pts[right]) for right, left in SYMMETRIC_PAIRS))
+    plane = pts[list(FACE_PLANE)]
+    # the face plane's normal: the least-spread direction of its points
+    normal = np.linalg.svd(plane - plane.mean(0))[2][2]
+    if normal[2] < 0:  # orient it away from the camera, like the back of the head
+        normal = -normal
+    y_axis = _unit(np.cross(normal, x_axis))
+    z_axis = np.cross(x_axis, y_axis)
+    # the face's frame in camera axes, its lean taken out (a rotation about its own x axis)
+    # so that a level face looking at the camera is the identity
+    lean = np.radians(PITCH_LEAN)
+    c, s = np.cos(lean), np.sin(lean)
+    rot = np.column_stack([x_axis, y_axis, z_axis]) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    # Euler angles of rot = Ry(yaw') Rx(pitch') Rz(roll), signs turned to the ones above
+    yaw = np.degrees(np.arctan2(-rot[0, 2], rot[2, 2]))
+    pitch = np.degrees(np.arcsin(np.clip(rot[1, 2], -1.0, 1.0)))
+    roll = np.degrees(np.arctan2(rot[1, 0], rot[1, 1]))
+    return {"yaw": float(yaw), "pitch": float(pitch), "roll": float(roll)}
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+# ---------------------------------------------------------------------------- gaze
+
+
+@cache
+def _iris_model() -> TFLiteModel:
+    return TFLiteModel(model_path("iris_landmark"))
+
+
+def _eye_crop(mesh: np.ndarray, corners: tuple[int, int], mirror: bool) -> np.ndarray:
+    """2x3 affine from image pixels into the iris model's 64x64 input, as MediaPipe builds
+    it: centred between the corners, rotated along them, square on their longer extent."""
+    a, b = mesh[corners[0], :2].astype(np.float64), mesh[corners[1], :2].astype(np.float64)
+    centre = (a + b) / 2
+    size = IRIS_ROI_SCALE * max(float(np.max(np.abs(b - a))), 1.0)
+    angle = float(np.arctan2(b[1] - a[1], b[0] - a[0]))
+    to_crop = Roi(float(centre[0]), float(centre[1]), size, angle).to_crop(IRIS_INPUT)
+    if mirror:  # the model only knows the subject's right eye (the image's left one)
+        to_crop = np.array([[-1.0, 0.0, IRIS_INPUT], [0.0, 1.0, 0.0]]) @ np.vstack(
+            [to_crop, [0.0, 0.0, 1.0]]
+        )
+    return to_crop
+
+
+def iris_centres(image: np.ndarray, mesh: np.ndarray) -> np.ndarray:
+    """(2, 2) image positions of the iris centres: subject's right eye, then left."""
+    model = _iris_model()
+    centres = []
+    for corners, mirror in ((RIGHT_CORNERS, False), (LEFT_CORNERS, True)):
+        to_crop = _eye_crop(mesh, corners, mirror)
+        crop = cv2.warpAffine(
+            image,
+            to_crop,
+            (IRIS_INPUT, IRIS_INPUT),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        tensor = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        iris = next(o for o in model.run(tensor) if o.size == 15).reshape(5, 3)
+        back = cv2.invertAffineTransform(to_crop)
+        centres.append(back[:, :2] @ iris[0, :2] + back[:, 2])  # point 0 is the centre
+    return np.array(centres, dtype=np.float64)
+
+
+def gaze_offsets(mesh: np.ndarray, irises: np.ndarray) -> dict[str, float]:
+    """Each iris centre's offset from its eye's corner midpoint, in eye widths, along the
+    eye (x, towards the image's right) and across it (y, downwards)."""
+    out = {}
+    for side, corners, iris in (
+        ("right", RIGHT_CORNERS, irises[0]),
+        ("left", LEFT_CORNERS, irises[1]),
+    ):
+        a, b = mesh[corners[0], :2].astype(np.float64), mesh[corners[1], :2].astype(np.float64)
+        width = max(float(np.linalg.norm(b - a)), 1e-9)
+        along = (b - a) / width
+        across = np.array([-along[1], along[0]])
+        offset = iris - (a + b) / 2
+        out[f"gaze_{side}_x"] = float(offset @ along) / width
+        out[f"gaze_{side}_y"] = float(offset @ across) / width
+    return out
+
+
+def _eye_width_over_iod(mesh: np.ndarray) -> float:
+    widths = [np.linalg.norm(mesh[a, :2] - mesh[b, :2]) for a, b in (RIGHT_CORNERS, LEFT_CORNERS)]
+    return float(np.mean(widths)) / inter_ocular(mesh)
+
+
+# ---------------------------------------------------------------------------- the measures
+
+
+def expression_of(face: Face, image: np.ndarray | None = None) -> dict[str, float]:
+    """The raw measures of one face: openings (% of inter-ocular distance), pose (degrees),
+    and, when the face's image is given, gaze (eye widths)."""
+    if face.mesh is None:
+        raise ValueError("the face has no mesh: analyse it with FaceAnalyser first")
+    mesh = face.mesh
+    measures = {"inter_ocular_px": inter_ocular(mesh), **openings(mesh), **head_pose(mesh)}
+    if image is not None:
+        measures.update(gaze_offsets(mesh, iris_centres(image, mesh)))
+    return measures
+
+
+def expression_errors(
+    target_face: Face,
+    output_face: Face,
+    target_image: np.ndarray | None = None,
+    output_image: np.ndarray | None = None,
+) -> dict[str, float]:
+    """How far the output face's expression and pose are from the target's.
+
+    Openings and gaze: absolute differences in % of inter-ocular distance (gaze only when
+    both images are given: the iris is read from pixels). Pose: absolute differences in
+    degrees. ``mouth_open_target`` / ``mouth_open_output`` are the openings themselves, so a
+    caller can tell an open mouth that closed from one that merely moved.
+    """
+    target = expression_of(target_face, target_image)
+    output = expression_of(output_face, output_image)
+    eyes = [abs(target[k] - output[k]) for k in ("eye_open_right", "eye_open_left")]
+    errors = {
+        "mouth_open": abs(target["mouth_open"] - output["mouth_open"]),
+        "mouth_open_target": target["mouth_open"],
+        "mouth_open_output": output["mouth_open"],
+        "eye_open_right": eyes[0],
+        "eye_open_left": eyes[1],
+        "eye_open": float(np.mean(eyes)),
+        **{k: abs(_wrap(target[k] - output[k])) for k in ("yaw", "pitch", "roll")},
+    }
+    if "gaze_right_x" in target and "gaze_right_x" in output:
+        # offsets are in eye widths: the target's eye width in inter-ocular distances
+        # turns a difference into % of the target's inter-ocular distance
+        scale = 100.0 * _eye_width_over_iod(np.asarray(target_face.mesh))
+        per_eye = []
+        for side in ("right", "left"):
+            dx = target[f"gaze_{side}_x"] - output[f"gaze_{side}_x"]
+            dy = target[f"gaze_{side}_y"] - output[f"gaze_{side}_y"]
+            per_eye.append(scale * float(np.hypot(dx, dy)))
+            errors[f"gaze_{side}"] = per_eye[-1]
+        errors["gaze"] = float(np.mean(per_eye))
+    return errors
+
+
+def _wrap(degrees: float) -> float:
+    return (degrees + 180.0) % 360.0 - 180.0
