@@ -80,7 +80,7 @@ def transfer_colour(
     if settle_stats is not None:
         stats = settle_stats(stats.ravel())
     mu_s, sd_s, mu_t, sd_t = np.asarray(stats, np.float64).reshape(4, 3)
-    gain = np.clip(sd_t / np.maximum(sd_s, 1e-3), 0.5, 2.0)
+    gain = np.clip(sd_t / np.maximum(sd_s, 1e-3), 0.75, 1.33)
     offset = mu_t - mu_s * gain
     out = src.astype(np.float32) * gain.astype(np.float32) + offset.astype(np.float32)
     if shading_sigma > 0:

@@ -44,7 +44,9 @@ OCCLUDER_SMOOTH, OCCLUDER_TEXTURED = 1.0, 1.6
 class SourceFace:
     """Everything per-frame work needs from the source photo, computed once."""
 
-    texture: np.ndarray  # BGR uint8, the upright face: pasted whole (beard, brows, shadows)
+    # BGRA uint8, the upright face, pasted whole (beard, brows, shadows); alpha: where the
+    # source shows bare skin, for colour matching only (one remap carries both)
+    texture: np.ndarray
     points: np.ndarray  # (468, 2) mesh points in the texture
     mesh: np.ndarray  # (468, 3) mesh as detected, for the shape transfer
     embedding: np.ndarray | None = None
@@ -56,7 +58,7 @@ class SwapOptions:
     keep_mouth: bool = True  # the target's mouth opening (teeth, tongue) stays
     keep_eyes: bool = True  # the target's eyes (gaze, blinks) stay
     shape_strength: float = 1.0  # 0: target outline, 1: source outline
-    shading: float = 0.12  # low-frequency lighting carry, sigma as a fraction of face width
+    shading: float = 0.2  # low-frequency lighting carry, sigma as a fraction of face width
     keep_occluders: bool = True  # what covers the target's face (hand, mic) stays in front
 
 
@@ -119,8 +121,10 @@ class MeshSwapper:
         )
         points = (face.mesh[:, :2] @ to_texture[:, :2].T + to_texture[:, 2]).astype(np.float32)
         # No occluder mask on the source: its beard, moustache, brows and shadows are its
-        # identity. Dropping them by colour let the target show through exactly there.
-        return SourceFace(texture, points, face.mesh.copy(), embedding)
+        # identity. Dropping them by colour let the target show through exactly there. Its
+        # bare skin is still found: colour is matched on skin that is bare in both faces.
+        skin = (self.skin_mask(texture, points) * 255 + 0.5).astype(np.uint8)
+        return SourceFace(np.dstack([texture, skin]), points, face.mesh.copy(), embedding)
 
     def feature_polygons(self, points: np.ndarray) -> list[np.ndarray]:
         """Lips, eyes and brows: not skin-coloured, yet part of the face."""
@@ -133,9 +137,14 @@ class MeshSwapper:
         return polygons
 
     def skin_mask(
-        self, image: np.ndarray, points: np.ndarray, max_distance: float = 3.0
+        self,
+        image: np.ndarray,
+        points: np.ndarray,
+        max_distance: float = 3.0,
+        grow_features: bool = True,
     ) -> np.ndarray:
-        """Skin probability over ``image`` with the facial features counted as skin."""
+        """Skin probability over ``image`` with the facial features counted as skin, grown a
+        little past their outline unless ``grow_features`` is off."""
         lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_BGR2LAB)
         face_width = float(np.ptp(points[self.topology.face_oval, 0]))
         samples = blend.sample_colours(
@@ -143,9 +152,10 @@ class MeshSwapper:
         )
         skin = blend.skin_probability(lab, samples, max_distance)
         features = blend.polygon_mask(image.shape[:2], self.feature_polygons(points))
-        features = cv2.dilate(
-            features, np.ones((3, 3), np.uint8), iterations=max(1, int(face_width / 60))
-        )
+        if grow_features:
+            features = cv2.dilate(
+                features, np.ones((3, 3), np.uint8), iterations=max(1, int(face_width / 60))
+            )
         return np.maximum(skin, features.astype(np.float32) / 255.0)
 
     def occluder_mask(self, image: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -154,8 +164,12 @@ class MeshSwapper:
         skin's colour is judged whole by its texture: hair is textured, a microphone, a cup
         or a sleeve is smooth. Whole regions, because a smooth object's own edge is as sharp
         as hair and would otherwise be painted over in a band around it."""
-        not_skin = 1.0 - self.skin_mask(image, points, TARGET_OCCLUDER_DISTANCE)
-        candidates = (not_skin > 0.25).astype(np.uint8)
+        # features exactly to their outline: an object held next to the lips is not lips
+        not_skin = 1.0 - self.skin_mask(image, points, TARGET_OCCLUDER_DISTANCE, False)
+        # judged inside the face only: outside, an object would join the hair and the
+        # background into one region and be judged by their texture instead of its own
+        oval = blend.polygon_mask(image.shape[:2], [points[self.topology.face_oval]]) > 127
+        candidates = ((not_skin > 0.25) & oval).astype(np.uint8)
         count, labels = cv2.connectedComponents(candidates, connectivity=8)
         if count < 2:
             return np.zeros(image.shape[:2], np.float32)
@@ -169,7 +183,10 @@ class MeshSwapper:
         t = np.clip((ratio - OCCLUDER_SMOOTH) / (OCCLUDER_TEXTURED - OCCLUDER_SMOOTH), 0.0, 1.0)
         smooth = 1.0 - t * t * (3 - 2 * t)
         smooth[0] = 0.0  # label 0: the skin itself
-        return (not_skin * smooth[labels]).astype(np.float32)
+        # full strength from halfway off-skin: a soft edge would let the new face's colour
+        # bleed into the rim of what stands in front of it
+        strength = np.clip((not_skin - 0.25) / 0.5, 0.0, 1.0)
+        return (strength * smooth[labels]).astype(np.float32)
 
     def swap(
         self,
@@ -218,7 +235,9 @@ class MeshSwapper:
             source_maps = sample_maps(
                 ids, triangle_affines(local[:468], source.points, self.face_triangles)
             )
-            face_px = remap(source.texture, source_maps)
+            warped = remap(source.texture, source_maps)
+            face_px = np.ascontiguousarray(warped[:, :, :3])
+            source_skin = warped[:, :, 3].astype(np.float32) / 255.0
 
         with clock.stage("blend"):
             face_width = float(np.ptp(local[topo.face_oval, 0]))
@@ -244,7 +263,9 @@ class MeshSwapper:
                 np.ones((5, 5), np.uint8),
                 iterations=2,
             )
-            skin = blend.feathered(oval, 0.06 * face_width) * (not_skin < 128)
+            # skin bare in both faces: the source's beard or brows must not read as a
+            # shadow to be lifted, nor the target's as one to be cast
+            skin = blend.feathered(oval, 0.06 * face_width) * (not_skin < 128) * source_skin
             coloured = blend.transfer_colour(
                 face_px,
                 background,
