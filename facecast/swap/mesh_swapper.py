@@ -256,7 +256,7 @@ class MeshSwapper:
                 if keep
                 else np.zeros(shape, np.float32)
             )
-            alpha = blend.feathered(oval, 0.09 * face_width) * (1.0 - holes)
+            alpha = blend.feathered(oval, 0.06 * face_width) * (1.0 - holes)
 
             not_skin = cv2.dilate(
                 blend.polygon_mask(shape, self.feature_polygons(local)),
