@@ -153,9 +153,11 @@ def sample_colours(lab: np.ndarray, points: np.ndarray, radius: int) -> np.ndarr
 
 
 def component_medians(labels: np.ndarray, values: np.ndarray, count: int) -> np.ndarray:
-    """The median of ``values`` over each label 0..count-1 of ``labels`` (0 where a label has
-    no pixel): one sort of all the pixels, so the cost does not grow with the label count."""
-    flat_labels, flat_values = labels.ravel(), values.ravel()
+    """The median of ``values`` over each label 1..count-1 of ``labels`` (0 for label 0 and
+    where a label has no pixel): one sort of the labelled pixels only, so the cost does not
+    grow with the label count, and the unlabelled bulk (label 0) is never sorted."""
+    inside = labels.ravel() > 0
+    flat_labels, flat_values = labels.ravel()[inside], values.ravel()[inside]
     order = np.lexsort((flat_values, flat_labels))
     sorted_values = flat_values[order]
     counts = np.bincount(flat_labels, minlength=count)

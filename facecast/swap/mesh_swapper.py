@@ -38,6 +38,7 @@ TARGET_OCCLUDER_DISTANCE = 5.0
 # of the face (a microphone, a cup, a sleeve) and stays. Measured on the people photos: beards
 # 1.9-2.9x the skin's texture, a jacket held over a cheek 0.6x.
 OCCLUDER_SMOOTH, OCCLUDER_TEXTURED = 1.0, 1.6
+OCCLUDER_FACE_PX = 160  # face width the occluder mask is worked out at
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,22 @@ class MeshSwapper:
         return np.maximum(skin, features.astype(np.float32) / 255.0)
 
     def occluder_mask(self, image: np.ndarray, points: np.ndarray) -> np.ndarray:
+        """See ``_occluder_mask``; computed with the face at most ``OCCLUDER_FACE_PX`` wide
+        (its decisions are per region, so nothing is lost) and scaled back."""
+        face_width = float(np.ptp(points[self.topology.face_oval, 0]))
+        scale = min(1.0, OCCLUDER_FACE_PX / max(face_width, 1.0))
+        if scale > 0.9:
+            return self._occluder_mask(image, points)
+        h, w = image.shape[:2]
+        small = cv2.resize(
+            image,
+            (max(1, round(w * scale)), max(1, round(h * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        mask = self._occluder_mask(small, points * scale)
+        return cv2.resize(mask, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    def _occluder_mask(self, image: np.ndarray, points: np.ndarray) -> np.ndarray:
         """0..1 per pixel: something in front of the face (kept from the target). Colour
         alone cannot tell a microphone from a beard, so each connected region far from the
         skin's colour is judged whole by its texture: hair is textured, a microphone, a cup
