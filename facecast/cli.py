@@ -170,17 +170,6 @@ def chatty() -> bool:
     return log.isEnabledFor(logging.INFO)
 
 
-def one_source(sources: list[Path] | None) -> Path | None:
-    """The one source photo. Several are refused, not silently cut to the last one."""
-    if sources and len(sources) > 1:
-        raise fail(
-            f"--source given {len(sources)} times ({', '.join(map(str, sources))}): one face "
-            "photo per run for now; to give different people different faces, use "
-            "--reference PHOTO=FACE"
-        )
-    return sources[0] if sources else None
-
-
 def _print_version(value: bool) -> None:
     if value:
         print(f"facecast {__version__}")
@@ -275,7 +264,7 @@ def parse_references(texts: list[str], source: Path) -> tuple[tuple[Path, Path],
 
 
 def run_swap(
-    source: Path,
+    source: Path | list[Path],
     target: Path,
     output: Path,
     faces: str,
@@ -347,7 +336,13 @@ def run_swap(
 def swap(
     source: Annotated[
         list[Path],
-        typer.Option("--source", "-s", metavar="PHOTO", help="Photo of the face to put in."),
+        typer.Option(
+            "--source",
+            "-s",
+            metavar="PHOTO",
+            help="Photo of the face to put in. Repeat it, or name a folder, for several photos "
+            "of the person: each face gets the one nearest its expression.",
+        ),
     ],
     target: Annotated[
         Path,
@@ -414,8 +409,6 @@ def swap(
     The face in SOURCE goes onto the chosen faces of TARGET; the result is written to
     OUTPUT with the target's frames, timing and audio.
     """
-    face = one_source(source)
-    assert face is not None  # --source is required
     models = model_flags(
         models_dir,
         detector,
@@ -426,9 +419,9 @@ def swap(
         fp16,
         memory_strategy,
     )
-    references = parse_references(reference or [], face)
+    references = parse_references(reference or [], source[0])
     quality = {"encoder": output_video_encoder, "crf": crf, "preset": preset}
-    run_swap(face, target, output, faces, blend, label, references, models, quality)
+    run_swap(source, target, output, faces, blend, label, references, models, quality)
 
 
 @app.command()
@@ -449,7 +442,13 @@ def demo(
 def stream(
     source: Annotated[
         list[Path] | None,
-        typer.Option("--source", "-s", metavar="PHOTO", help="Face photo [env SOURCE_IMAGE]."),
+        typer.Option(
+            "--source",
+            "-s",
+            metavar="PHOTO",
+            help="Face photo [env SOURCE_IMAGE]; repeat it, or name a folder, for several "
+            "photos of the person.",
+        ),
     ] = None,
     input_url: Annotated[
         str | None,
@@ -529,7 +528,8 @@ def stream(
     from facecast.modelset import ModelChoice
 
     flags = {
-        "source_image": one_source(source),
+        "source_image": source[0] if source else None,
+        "extra_sources": source[1:] if source else None,
         "input": input_url,
         "output": output_url,
         "faces": faces,

@@ -83,6 +83,9 @@ class StreamSettings(ModelSettings):
     output: str | None = Field(
         None, validation_alias=AliasChoices("FACECAST_OUTPUT", "OUTPUT_STREAM")
     )
+    # more photos of the source person (the CLI's repeated --source); source_image may also
+    # be a folder of them: each face gets the photo nearest its expression
+    extra_sources: list[Path] = []
     faces: str = "all"
     # swap only these people (reference mode), each with the source face or their own;
     # FACECAST_REFERENCES takes a JSON list: '["alice.jpg", "bob.jpg=face-b.jpg"]'

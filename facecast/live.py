@@ -387,15 +387,20 @@ def build_pipeline(
     from facecast.media.live_sink import StreamSink
     from facecast.media.live_source import StreamSource
     from facecast.pipeline import output_mark
+    from facecast.swap.sources import source_photos
 
     assert settings.input and settings.output
     assert source_image is not None or settings.source_image
     options = engine_options(settings)
     engine = SwapEngine(options)
     source_name = str(settings.source_image or "uploaded face")
-    if source_image is None:
-        source_image = read_image(settings.source_image)  # type: ignore[arg-type]
-    engine.load_source(source_image, name=source_name)
+    if source_image is not None:
+        engine.load_source(source_image, name=source_name)
+    else:
+        assert settings.source_image is not None
+        photos = source_photos([settings.source_image, *settings.extra_sources])
+        engine.load_sources([(read_image(photo), str(photo)) for photo in photos])
+        source_name = ", ".join(photo.name for photo in photos)
     for photo, face in settings.references:
         face_image = None if face is None else read_image(face)  # None: the stream's face
         engine.add_reference(read_image(photo), face_image, name=str(photo))

@@ -33,6 +33,7 @@ from facecast.media.sink import VideoFileSink, VideoQuality
 from facecast.media.source import VideoFileSource
 from facecast.modelset import ModelChoice, load_models
 from facecast.swap.mesh_swapper import SwapOptions
+from facecast.swap.sources import SourceSet, expression_vector, source_photos
 from facecast.timing import StageClock
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class SwapEngine:
         )
         self.swapper = self.models.swapper
         self.source: Any = None  # what swapper.prepare() made of the source photo
+        self.source_set: SourceSet | None = None  # several source photos, see load_sources
         self.temporal = TemporalFaces(self.options.fps) if self.options.temporal else None
         self.last_faces: list[Face] = []
         # reference mode: (the person to swap, the face they get), see add_reference()
@@ -120,14 +122,42 @@ class SwapEngine:
         return FaceAnalyser(tiles=True, detector=self.models.detector).analyse(image)
 
     def load_source(self, image: np.ndarray, name: str = "source image") -> Any:
-        """Prepare the source face (the largest, if the photo shows several)."""
+        """Prepare the source face (the largest, if the photo shows several). Replaces a
+        set of several photos (``load_sources``), if there was one."""
+        self.source = self.swapper.prepare(image, self._source_face(image, name))
+        self.source_set = None
+        return self.source
+
+    def load_sources(self, photos: list[tuple[np.ndarray, str]]) -> None:
+        """Several photos of the source person: each target face gets the one nearest its
+        expression and pose (``swap/sources.py``). One photo is ``load_source``."""
+        if len(photos) == 1:
+            self.load_source(*photos[0])
+            return
+        prepared, vectors = [], []
+        for image, name in photos:
+            face = self._source_face(image, name)
+            if face.mesh is None:  # a detector without a mesh: no expression to compare
+                raise NoFaceError(f"{name}: no face mesh, so several sources cannot be used")
+            prepared.append(self.swapper.prepare(image, face))
+            vectors.append(expression_vector(face.mesh))
+        names = [name for _, name in photos]
+        self.source_set = SourceSet(prepared, np.array(vectors), names)
+        self.source = prepared[0]
+        log.info("%d source photos: each face gets the nearest in expression", len(photos))
+
+    def _source_face(self, image: np.ndarray, name: str) -> Face:
         faces = self.photo_faces(image)
         if not faces:
             raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
         if len(faces) > 1:
             log.warning("%s shows %d faces; using the largest", name, len(faces))
-        self.source = self.swapper.prepare(image, faces[0])
-        return self.source
+        return faces[0]
+
+    def _source_for(self, face: Face) -> Any:
+        if self.source_set is None or face.mesh is None:
+            return self.source
+        return self.source_set.pick(face.mesh, face.track_id)
 
     def add_reference(
         self, reference: np.ndarray, source: np.ndarray | None = None, name: str = "reference photo"
@@ -171,12 +201,14 @@ class SwapEngine:
             with clock.stage("track"):
                 faces = self.temporal.settle(image, faces, seconds)
         self.last_faces = faces
+        if self.source_set is not None:
+            self.source_set.forget({f.track_id for f in faces if f.track_id is not None})
         chosen = self._chosen(image, faces, clock)
         result = FrameResult(faces=len(faces), chosen=len(chosen))
         self.last_swaps = []
         for face, ref in chosen:
             own_face = None if ref is None else self.references[ref][1]
-            source = own_face or self.source
+            source = own_face or self._source_for(face)
             colour = self.temporal.colour_settler(face) if self.temporal is not None else None
             swapped = self.swapper.swap(image, face, source, clock, colour)
             result.swapped += swapped
@@ -211,11 +243,12 @@ class SwapEngine:
         return chosen
 
 
-def output_mark(source: Path | str, options: EngineOptions) -> dict[str, str]:
+def output_mark(source: Path | str | list[Path], options: EngineOptions) -> dict[str, str]:
     """The machine-readable provenance written into every output file."""
+    names = [Path(p).name for p in source] if isinstance(source, list) else [Path(source).name]
     return make_mark(
         generator=f"facecast {__version__}",
-        source_face=Path(source).name,
+        source_face=", ".join(names),
         swapper=options.models.swapper,
         faces=str(options.selection),
         visible_label=options.label,
@@ -232,14 +265,16 @@ FILE_DETECT_EVERY = 3
 
 
 def swap_file(
-    source: Path,
+    source: Path | list[Path],
     target: Path,
     output: Path,
     options: EngineOptions | None = None,
     progress: ProgressCallback | None = None,
     quality: VideoQuality | None = None,
 ) -> RunStats:
-    """Swap ``source``'s face into an image or a video file (chosen by content).
+    """Swap ``source``'s face into an image or a video file (chosen by content). Several
+    source photos (or a folder of them) are several photos of one person: each face gets the
+    one nearest its expression.
     ``quality``: how a video output is encoded (images ignore it)."""
     options = options or EngineOptions()
     if not output.parent.is_dir():
@@ -267,15 +302,18 @@ def same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _engine_for(source: Path, options: EngineOptions) -> SwapEngine:
+def _engine_for(source: Path | list[Path], options: EngineOptions) -> SwapEngine:
     engine = SwapEngine(options)
-    engine.load_source(read_image(source), name=str(source))
+    photos = source_photos(source if isinstance(source, list) else [source])
+    engine.load_sources([(read_image(photo), str(photo)) for photo in photos])
     for reference, face in options.references:
         engine.add_reference(read_image(reference), read_image(face), name=str(reference))
     return engine
 
 
-def swap_image_file(source: Path, target: Path, output: Path, options: EngineOptions) -> RunStats:
+def swap_image_file(
+    source: Path | list[Path], target: Path, output: Path, options: EngineOptions
+) -> RunStats:
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise MediaError(f"{output}: an image target needs a .png or .jpg output")
     engine = _engine_for(source, replace(options, tiles=True))
@@ -330,7 +368,7 @@ def _writer(sink: VideoFileSink, inbox: queue.Queue, clock: StageClock, errors: 
 
 
 def swap_video_file(
-    source: Path,
+    source: Path | list[Path],
     target: Path,
     output: Path,
     options: EngineOptions,

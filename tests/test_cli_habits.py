@@ -152,16 +152,6 @@ def test_usage_errors_are_one_line_with_exit_2(args):
     assert "--help" in line  # says where to look
 
 
-def test_a_repeated_source_is_refused_not_cut_to_the_last(tmp_path, media):
-    output = tmp_path / "o.png"
-    result = swap(media / "obama.jpg", media / "biden.jpg", output, "--source", media / "biden.jpg")
-    line = one_line_error(result)
-    assert "--source given 2 times" in line
-    assert not output.exists()
-    stream = facecast("stream", "-s", "a.jpg", "-s", "b.jpg", "-i", "x.mp4", "-o", "y.mp4")
-    assert "--source given 2 times" in one_line_error(stream)
-
-
 def test_output_equal_to_target_is_refused_and_the_target_kept(tmp_path, media):
     target = tmp_path / "photo.jpg"
     target.write_bytes((media / "biden.jpg").read_bytes())

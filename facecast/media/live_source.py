@@ -500,6 +500,7 @@ class StreamSource:
         self._halt = threading.Event()
         self._last_failure = ""
         self._news = False  # the last failure was logged as news (not a repeat)
+        self._ever_connected = False
         self._down_since: float | None = None  # monotonic; None while up (or never tried)
         self._down_attempts = 0  # failed attempts since then
         self._next_summary = 0.0  # when the next "still waiting" line is due
@@ -715,7 +716,10 @@ class StreamSource:
             gap = now - self._down_since
             down = f" after {gap:.1f} s down and {self._down_attempts} failed attempts"
             self._down_since = None
-        log.info("%s: connected (%s, %s, %s%s)%s", self.name, size, fps, video.name, sound, down)
+        # "reconnected" after the first time: an operator greps the log for the drops
+        again = "reconnected" if self._ever_connected else "connected"
+        self._ever_connected = True
+        log.info("%s: %s (%s, %s, %s%s)%s", self.name, again, size, fps, video.name, sound, down)
 
     def _set_down(self, reason: str) -> None:
         was_up = self.connected
