@@ -39,6 +39,9 @@ TARGET_OCCLUDER_DISTANCE = 5.0
 # 1.9-2.9x the skin's texture, a jacket held over a cheek 0.6x.
 OCCLUDER_SMOOTH, OCCLUDER_TEXTURED = 1.0, 1.6
 OCCLUDER_FACE_PX = 160  # face width the occluder mask is worked out at
+# The band along the face's outline, as a fraction of its width, where only the source's skin
+# is pasted (its background or collar may lie there); inside it the source is pasted whole.
+SOURCE_EDGE = 0.15
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,11 @@ class MeshSwapper:
                 if keep
                 else np.zeros(shape, np.float32)
             )
-            alpha = blend.feathered(oval, 0.06 * face_width) * (1.0 - holes)
+            # The source is pasted whole inside; near its outline only where it shows skin:
+            # there the mesh can overlap the source photo's background, or the far side of a
+            # turned target reaches the source's edge (a curtain, a collar, a tie).
+            whole = np.maximum(source_skin, blend.feathered(oval, SOURCE_EDGE * face_width))
+            alpha = blend.feathered(oval, 0.06 * face_width) * (1.0 - holes) * whole
 
             not_skin = cv2.dilate(
                 blend.polygon_mask(shape, self.feature_polygons(local)),
