@@ -33,11 +33,13 @@ def feathered(mask: np.ndarray, feather_px: float) -> np.ndarray:
 
 
 def soft_holes(mask: np.ndarray, blur_px: float) -> np.ndarray:
-    """float32 0..1 for regions kept from the target (eyes, mouth opening), softened a little
-    outward so the target's eyelids and lip line meet the new skin without an edge."""
+    """float32 0..1 for regions kept from the target (eyes, mouth opening), softened inward:
+    full strength well inside the opening, nothing of the target past its rim, so the
+    target's own lids and lip line do not come back as a ring around the source's."""
     k = max(3, int(blur_px) * 2 + 1)
-    grown = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
-    return cv2.GaussianBlur(grown, (k, k), 0).astype(np.float32) / 255.0
+    shrink = max(1, int(blur_px))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * shrink + 1, 2 * shrink + 1))
+    return cv2.GaussianBlur(cv2.erode(mask, kernel), (k, k), 0).astype(np.float32) / 255.0
 
 
 def masked_blur(channel: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
