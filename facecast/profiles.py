@@ -37,6 +37,7 @@ import yaml
 from facecast.config import Reference
 from facecast.errors import FacecastError
 from facecast.faces.select import Selection
+from facecast.swap.sources import source_photos
 
 BLENDS = ("feather", "poisson")
 KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -109,7 +110,9 @@ def _parse_profile(entry: Any, folder: Path, where: str) -> Profile:
         raise FacecastError(f"{where}: {exc}") from None
     if profile.blend not in BLENDS:
         raise FacecastError(f"{where}: blend must be one of {', '.join(BLENDS)}")
-    if not source.is_file():
+    if source.is_dir():  # several photos of the person: each face gets the nearest
+        source_photos([source])  # raises, naming the folder, when it holds no photo
+    elif not source.is_file():
         raise FacecastError(f"{where}: source photo {source} not found")
     return profile
 

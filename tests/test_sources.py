@@ -102,3 +102,40 @@ def test_an_empty_source_folder_exits_2(tmp_path, people):
     output = tmp_path / "out.png"
     assert_usage_error(swap(empty, people / "pichai1.jpg", output), "no .jpg or .png photo")
     assert not output.exists()
+
+
+def test_a_profile_and_a_stream_take_a_folder_of_source_photos(tmp_path, people):
+    from facecast.config import StreamSettings
+    from facecast.errors import FacecastError
+    from facecast.live import build_pipeline
+    from facecast.profiles import load_profiles
+
+    from .media_helpers import make_moving_face_video
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for name in ("jolie1.jpg", "jolie2.jpg"):
+        (folder / name).write_bytes((people / name).read_bytes())
+    (tmp_path / "empty").mkdir()
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("studio:\n  source: faces\n")
+    assert load_profiles(profiles)["studio"].source == folder
+    profiles.write_text("studio:\n  source: empty\n")
+    with pytest.raises(FacecastError, match=r"empty: a directory with no \.jpg or \.png"):
+        load_profiles(profiles)
+
+    clip = make_moving_face_video(tmp_path / "in.mp4", frames=5)
+    settings = StreamSettings(source_image=folder, input=str(clip), output=str(tmp_path / "o.mp4"))
+    pipeline = build_pipeline(settings)
+    assert pipeline.engine.source_set is not None
+    assert pipeline.engine.source_set.names == [
+        str(folder / "jolie1.jpg"),
+        str(folder / "jolie2.jpg"),
+    ]
+    extra = StreamSettings(
+        source_image=people / "jolie1.jpg",
+        extra_sources=[people / "jolie2.jpg"],
+        input=str(clip),
+        output=str(tmp_path / "p.mp4"),
+    )
+    assert len(build_pipeline(extra).engine.source_set.names) == 2
