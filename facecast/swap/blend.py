@@ -64,8 +64,9 @@ def transfer_colour(
     settle_stats: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Recolour ``source`` (BGR uint8) to ``target``'s skin: LAB mean and spread matched on
-    the skin mask, then, if ``shading_sigma`` > 0, the target's low-frequency lighting carried
-    over on L so directional light falls on the new face as it did on the old one.
+    the skin mask, then, if ``shading_sigma`` > 0, a smooth local field at that scale: the
+    target's low-frequency lighting carried over on L, so directional light falls on the new
+    face as it did on the old one, and its local colour casts on the skin's a and b.
 
     ``settle_stats`` (video) maps this frame's statistics, ``[mean_s, sd_s, mean_t, sd_t]``
     (12 values), to the ones to use: a per-face temporal filter, so the colour does not
@@ -87,10 +88,12 @@ def transfer_colour(
     out = src.astype(np.float32) * gain.astype(np.float32) + offset.astype(np.float32)
     if shading_sigma > 0:
         weight = skin.astype(np.float32)
-        shade = masked_blur(tgt[:, :, 0].astype(np.float32), weight, shading_sigma) - masked_blur(
-            out[:, :, 0], weight, shading_sigma
-        )
-        out[:, :, 0] += shade
+        # where the colour shift lands: lighting (L) everywhere, colour casts (a, b) only on
+        # the skin it was measured on, so a beard, the sclera or teeth keep their own hue
+        on_skin = cv2.GaussianBlur(weight, (0, 0), max(1.0, shading_sigma / 8))
+        for c, where in ((0, 1.0), (1, on_skin), (2, on_skin)):
+            local = masked_blur(tgt[:, :, c].astype(np.float32), weight, shading_sigma)
+            out[:, :, c] += (local - masked_blur(out[:, :, c], weight, shading_sigma)) * where
     return cv2.cvtColor(np.clip(out + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
 
 
