@@ -250,17 +250,19 @@ def png(image) -> bytes:
     return data.tobytes()
 
 
-def make_service(tmp_path, profiles_file, state) -> Service:
-    """A Service on free ports, not started; ``state``: its state folder, or None."""
+def make_service(tmp_path, profiles_file, state, **options) -> Service:
+    """A Service on free ports, not started; ``state``: its state folder, or None;
+    ``options``: other Service arguments (the token is TOKEN unless given)."""
     http_port, rtmp_port, hls_port = free_ports(3)
     return Service(
         load_profiles(profiles_file),
-        token=TOKEN,
+        token=options.pop("token", TOKEN),
         http_port=http_port,
         rtmp_port=rtmp_port,
         hls_port=hls_port,
         prefix=tmp_path / "ingest",
         state_dir=state,
+        **options,
     )
 
 
@@ -403,16 +405,7 @@ def test_each_key_can_run_its_own_swapper(tmp_path):
         f"carol:\n  source: {MEDIA / 'obama.jpg'}\n"
         f"dave:\n  source: {MEDIA / 'biden.jpg'}\n  swapper: inswapper\n  recogniser: arcface\n"
     )
-    http_port, rtmp_port, hls_port = free_ports(3)
-    svc = Service(
-        load_profiles(path),
-        token=None,
-        http_port=http_port,
-        rtmp_port=rtmp_port,
-        hls_port=hls_port,
-        prefix=tmp_path / "ingest",
-        base=StreamSettings(models_dir=folder),
-    )
+    svc = make_service(tmp_path, path, None, token=None, base=StreamSettings(models_dir=folder))
     carol = build_pipeline(svc.settings_for("carol"), name="carol").engine
     dave = build_pipeline(svc.settings_for("dave"), name="dave").engine
     assert type(carol.swapper).__name__ == "MeshSwapper"
