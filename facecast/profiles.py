@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -260,7 +261,11 @@ class ProfileState:
         named = {path.absolute() for profile in profiles.values() for path in _paths(profile)}
         leftovers = [*self.faces.iterdir(), *self.folder.glob(f".{self.file.name}.*.tmp")]
         for path in leftovers:
-            if path.is_file() and path.absolute() not in named:
+            if path.absolute() in named:
+                continue
+            if path.is_dir():  # a set of photos (store_images), or one a crash left half-made
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file():
                 path.unlink(missing_ok=True)
 
 
@@ -278,6 +283,21 @@ def store_image(folder: Path, image: np.ndarray) -> Path:
     path = folder / f"{uuid.uuid4().hex}.png"
     write_atomic(path, data.tobytes())
     return path
+
+
+def store_images(folder: Path, images: list[np.ndarray]) -> Path:
+    """``images`` as PNGs in a new folder inside ``folder``, named by us. The folder gets its
+    final name only once every photo is in it, so a half-written set is never a source."""
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".photos-", suffix=".tmp"))
+    try:
+        for image in images:
+            store_image(staging, image)
+        final = folder / uuid.uuid4().hex
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -58,9 +58,12 @@ LOOPBACK = "127.0.0.1"
 FORM_OVERHEAD = 64 * 1024
 UPLOAD_FIELD = "file"  # the multipart part holding a single-image upload (curl -F file=@x)
 
-# Called on the event loop after a stream took a new face through the API: (key, image,
-# name) -> whether the face was kept for the key's next publish too.
-SourceHook = Callable[[str, np.ndarray, str], bool]
+# Called on the event loop after a stream took a new face through the API: (key, photos of
+# the face, name) -> whether the face was kept for the key's next publish too.
+SourceHook = Callable[[str, list[np.ndarray], str], bool]
+# Photos of one source person in one upload (repeated ``file`` parts): each face gets the one
+# nearest its expression (swap/sources.py).
+MAX_SOURCE_PHOTOS = 8
 
 
 class SwappingRequest(BaseModel):
@@ -110,17 +113,18 @@ def create_app(
         with stream_errors():
             manager.running(key)  # 404/409 before the upload is read
         name = f"upload for {key}"
-        image = await read_image_upload(request, max_upload, name)
+        images = await read_image_uploads(request, max_upload, name)
         with stream_errors():
             # face detection takes a while: off the loop, where the hooks are served
-            await run_in_threadpool(manager.set_source, key, image, name)
+            await run_in_threadpool(manager.set_sources, key, images, name)
         # back on the loop, where the profile handlers run one at a time
-        kept = on_source(key, image, name) if on_source is not None else False
+        kept = on_source(key, images, name) if on_source is not None else False
         return {
             "key": key,
             "source_face": name,
-            "width": image.shape[1],
-            "height": image.shape[0],
+            "photos": len(images),
+            "width": images[0].shape[1],
+            "height": images[0].shape[0],
             "profile_updated": kept,
         }
 
@@ -169,10 +173,26 @@ async def read_image_upload(request: Request, limit: int, name: str) -> np.ndarr
     that says what is wrong with it."""
     if is_multipart(request):
         parts = await read_form(request, limit, (UPLOAD_FIELD,), required=(UPLOAD_FIELD,))
-        data = parts[UPLOAD_FIELD]
+        data = parts[UPLOAD_FIELD][0]
     else:
         data = await read_limited(request, limit)
     return decode_upload(data, name)
+
+
+async def read_image_uploads(request: Request, limit: int, name: str) -> list[np.ndarray]:
+    """Like ``read_image_upload``, but a multipart body may repeat the part ``file`` (up to
+    ``MAX_SOURCE_PHOTOS``): several photos of one person. Each gets the same checks."""
+    if not is_multipart(request):
+        return [decode_upload(await read_limited(request, limit), name)]
+    parts = await read_form(
+        request,
+        limit,
+        (UPLOAD_FIELD,),
+        required=(UPLOAD_FIELD,),
+        repeatable={UPLOAD_FIELD: MAX_SOURCE_PHOTOS},
+    )
+    photos = parts[UPLOAD_FIELD]
+    return [decode_upload(data, f"{name} (photo {i + 1})") for i, data in enumerate(photos)]
 
 
 def decode_upload(data: bytes, name: str) -> np.ndarray:
@@ -206,18 +226,25 @@ def is_multipart(request: Request) -> bool:
 
 
 async def read_form(
-    request: Request, limit: int, fields: Collection[str], required: Collection[str] = ()
-) -> dict[str, bytes]:
-    """The parts of a ``multipart/form-data`` body, by name: only ``fields``, each at most
-    ``limit`` bytes, each of ``required`` present. Parsed as the body arrives, so an oversize
-    part is refused (413) without being held whole; an unknown or repeated part, a missing
-    one or a broken body gets 422."""
+    request: Request,
+    limit: int,
+    fields: Collection[str],
+    required: Collection[str] = (),
+    repeatable: dict[str, int] | None = None,
+) -> dict[str, list[bytes]]:
+    """The parts of a ``multipart/form-data`` body, by name (each a list, in order): only
+    ``fields``, each at most ``limit`` bytes, each of ``required`` present, a part given more
+    than once only if ``repeatable`` allows it (up to its count). Parsed as the body
+    arrives, so an oversize part is refused (413) without being held whole; an unknown or
+    repeated part, a missing one or a broken body gets 422."""
+    repeatable = repeatable or {}
     over = HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
-    total = len(fields) * limit + FORM_OVERHEAD  # the parts and the framing around them
+    # the parts and the framing around them
+    total = sum(repeatable.get(name, 1) for name in fields) * limit + FORM_OVERHEAD
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > total:
         raise over
-    form = FormParts(_boundary(request), limit, fields)
+    form = FormParts(_boundary(request), limit, fields, repeatable)
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -240,9 +267,16 @@ class FormParts:
     each up to ``limit`` bytes: python-multipart's low-level parser, because Starlette's
     ``request.form()`` spools any size of file to disk before a handler can refuse it."""
 
-    def __init__(self, boundary: bytes, limit: int, fields: Collection[str]) -> None:
+    def __init__(
+        self,
+        boundary: bytes,
+        limit: int,
+        fields: Collection[str],
+        repeatable: dict[str, int] | None = None,
+    ) -> None:
         self.limit, self.fields = limit, frozenset(fields)
-        self.parts: dict[str, bytearray] = {}
+        self.repeatable = repeatable or {}
+        self.parts: dict[str, list[bytearray]] = {}
         self._current: tuple[str, bytearray] | None = None
         self._headers: dict[str, bytes] = {}
         self._header = [bytearray(), bytearray()]  # field, value of the header being read
@@ -269,13 +303,13 @@ class FormParts:
         except MultipartParseError as exc:
             raise HTTPException(422, f"multipart body: {exc}") from None
 
-    def finish(self, required: Collection[str]) -> dict[str, bytes]:
+    def finish(self, required: Collection[str]) -> dict[str, list[bytes]]:
         if not self._ended:
             raise HTTPException(422, "multipart body: it ends before its closing boundary")
         missing = [name for name in required if name not in self.parts]
         if missing:
             raise HTTPException(422, f"multipart body: no part named {', '.join(missing)}")
-        return {name: bytes(data) for name, data in self.parts.items()}
+        return {name: [bytes(data) for data in datas] for name, datas in self.parts.items()}
 
     def _part_begin(self) -> None:
         self._current, self._headers = None, {}
@@ -292,9 +326,14 @@ class FormParts:
         if name not in self.fields:
             expected = ", ".join(sorted(self.fields))
             raise HTTPException(422, f"multipart body: unknown part {name!r} (expected {expected})")
-        if name in self.parts:
-            raise HTTPException(422, f"multipart body: part {name!r} given twice")
-        self._current = (name, self.parts.setdefault(name, bytearray()))
+        given = self.parts.setdefault(name, [])
+        most = self.repeatable.get(name, 1)
+        if len(given) >= most:
+            if most == 1:
+                raise HTTPException(422, f"multipart body: part {name!r} given twice")
+            raise HTTPException(422, f"multipart body: part {name!r} at most {most} times")
+        given.append(bytearray())
+        self._current = (name, given[-1])
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         assert self._current is not None  # data comes after its part's headers

@@ -54,6 +54,7 @@ from facecast.profiles import (
     ProfileState,
     load_profiles,
     store_image,
+    store_images,
 )
 from facecast.server import (
     LOOPBACK,
@@ -270,8 +271,8 @@ class Service:
         if is_multipart(request):
             parts = await read_form(request, self.max_upload, REFERENCE_FIELDS, ("photo",))
             return {
-                what: decode_upload(data, f"reference {what} for {key}")
-                for what, data in parts.items()
+                what: decode_upload(datas[0], f"reference {what} for {key}")
+                for what, datas in parts.items()
             }
         # two images, each at most max_upload once decoded: base64 is 4/3 of that, plus
         # room for line breaks and the JSON around them
@@ -289,7 +290,7 @@ class Service:
         log.info("profile %s: references cleared through the API", key)
         return {"key": key, "references": []}
 
-    def _source_changed(self, key: str, image: np.ndarray, name: str) -> bool:
+    def _source_changed(self, key: str, images: list[np.ndarray], name: str) -> bool:
         """A running stream took a new face through the API: it becomes the key's profile
         face, so a publisher that reconnects (a new pipeline) keeps it. False when the key
         has no profile any more (deleted while the stream ran): nothing to keep it in."""
@@ -297,7 +298,8 @@ class Service:
         if profile is None:
             return False
         try:
-            self._commit(key, replace(profile, source=self._store(image)))
+            source = self._store(images[0]) if len(images) == 1 else self._store_all(images)
+            self._commit(key, replace(profile, source=source))
         except HTTPException as exc:
             raise HTTPException(
                 exc.status_code,
@@ -335,6 +337,14 @@ class Service:
             return store_image(self._uploads, image)
         except OSError as exc:
             raise HTTPException(507, f"cannot store the uploaded image: {exc}") from None
+
+    def _store_all(self, images: list[np.ndarray]) -> Path:
+        """Several photos of one person as a folder of PNGs in the uploads folder (a profile
+        source may be a folder), named by us."""
+        try:
+            return store_images(self._uploads, images)
+        except OSError as exc:
+            raise HTTPException(507, f"cannot store the uploaded images: {exc}") from None
 
     def run(self, stop: threading.Event) -> None:
         self.start()

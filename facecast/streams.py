@@ -263,6 +263,18 @@ class StreamManager:
         handle.source_name = name
         log.info("stream %s: source face is now %s", key, name)
 
+    def set_sources(self, key: str, images: list[np.ndarray], name: str) -> None:
+        """``set_source`` with several photos of the person: each face gets the one nearest
+        its expression. Raises NoFaceError (and keeps the old face) if any shows none."""
+        if len(images) == 1:
+            self.set_source(key, images[0], name)
+            return
+        handle = self.running(key)
+        photos = [(image, f"{name} (photo {i + 1})") for i, image in enumerate(images)]
+        handle.pipeline.engine.load_sources(photos)
+        handle.source_name = f"{name} ({len(images)} photos)"
+        log.info("stream %s: source face is now %s", key, handle.source_name)
+
     def set_swapping(self, key: str, enabled: bool) -> None:
         self.running(key).pipeline.swapping = enabled
         log.info("stream %s: swapping %s", key, "on" if enabled else "off")

@@ -290,8 +290,15 @@ def test_multipart_source_uploads_get_the_same_checks(manager, tmp_path):
     assert reply.status_code == 422 and "no face" in reply.json()["detail"], reply.text
     reply = post({"photo": ("face.jpg", face, "image/jpeg")})
     assert reply.status_code == 422 and "'photo'" in reply.json()["detail"], reply.text
-    reply = post([("file", ("a.jpg", face, "image/jpeg")), ("file", ("b.jpg", face, "image/jpeg"))])
-    assert reply.status_code == 422 and "twice" in reply.json()["detail"], reply.text
+    # the part `file` repeated: several photos of the person, each checked, at most 8
+    many = [("file", (f"{i}.jpg", face, "image/jpeg")) for i in range(9)]
+    reply = post(many)
+    assert reply.status_code == 422 and "at most 8" in reply.json()["detail"], reply.text
+    bad_second = [many[0], ("file", ("b.jpg", b"%PDF-1.7\n" + b"x" * 500, "image/jpeg"))]
+    assert post(bad_second).status_code == 415
+    reply = post(many[:2])
+    assert reply.status_code == 200 and reply.json()["photos"] == 2, reply.text
+    assert manager.get("cam1").pipeline.engine.source_set is not None
     form = {**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}
     assert client.post(url, content=b"not a form", headers=form).status_code == 422
     cut = b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + face[:5000]

@@ -750,3 +750,44 @@ def test_the_default_state_folder_follows_xdg_and_an_unwritable_one_is_not_fatal
     monkeypatch.setenv("XDG_STATE_HOME", str(blocker))  # a read-only root fails the same way
     assert resolve_state_dir(None) is None
     assert "FACECAST_STATE_DIR" in caplog.text
+
+
+def test_several_photos_through_the_api_become_the_profiles_source_folder(tmp_path):
+    """Repeated `file` parts: the running stream takes all of them (each face gets the
+    nearest in expression), and they are kept as the key's source, a folder in the state,
+    across a restart."""
+    from .test_server import udp_stream
+
+    path = tmp_path / "profiles.yaml"
+    path.write_text(f"alice:\n  source: {MEDIA / 'obama.jpg'}\n")
+    state = tmp_path / "state"
+    svc = make_service(tmp_path, path, state)
+    try:
+        udp_stream(svc.manager, "alice", tmp_path / "alice.ts")
+        client = TestClient(svc.app)
+        people = MEDIA / "people"
+        files = [
+            ("file", (n, (people / n).read_bytes(), "image/jpeg"))
+            for n in ("jolie1.jpg", "jolie2.jpg")
+        ]
+        reply = client.post("/api/streams/alice/source", files=files, headers=AUTH)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["photos"] == 2 and reply.json()["profile_updated"]
+        assert len(svc.manager.get("alice").pipeline.engine.source_set.names) == 2
+        folder = svc.profiles["alice"].source
+        assert folder.is_dir() and len(list(folder.glob("*.png"))) == 2
+        # a single photo still needs exactly one part on the routes that take one image
+        twice = client.put("/api/profiles/bob", files=files, headers=AUTH)
+        assert twice.status_code == 422 and "twice" in twice.json()["detail"]
+    finally:
+        svc.manager.stop_all()
+        svc.stop()
+    again = make_service(tmp_path, path, state)
+    try:
+        assert again.profiles["alice"].source == folder
+        assert (
+            len(build_pipeline(again.settings_for("alice"), name="alice").engine.source_set.names)
+            == 2
+        )
+    finally:
+        again.stop()
