@@ -39,7 +39,7 @@ from facecast.server import (
     ThreadedServer,
     bearer_guard,
     bind_host,
-    read_image_upload,
+    read_image_uploads,
     read_limited,
 )
 from facecast.webrtc import (
@@ -108,8 +108,10 @@ def web_router(
     async def set_face(
         session_id: str, request: Request, sample: str | None = None, name: str | None = None
     ) -> dict[str, str]:
-        """The body is the photo (JPEG or PNG; ``name`` optionally labels it), or
-        ``?sample=NAME`` picks a sample face and the body is ignored."""
+        """The body is the photo (JPEG or PNG; ``name`` optionally labels it), or a
+        multipart form repeating the part ``file`` for several photos of the person (each
+        face then gets the nearest in expression), or ``?sample=NAME`` picks a sample face
+        and the body is ignored."""
         session_or_404(session_id)
         if sample is not None:
             try:
@@ -117,11 +119,12 @@ def web_router(
             except UnknownFaceError as exc:
                 raise HTTPException(422, str(exc)) from None
             label = sample
+            images = [image]
         else:
             label = _display_name(name)
-            image = await read_image_upload(request, max_upload, label)
+            images = await read_image_uploads(request, max_upload, label)
         try:
-            await sessions.set_face(session_id, image, label)
+            await sessions.set_face(session_id, images, label)
         except NoFaceError as exc:
             raise HTTPException(422, str(exc)) from None
         except UnknownSessionError as exc:  # closed while the face was being read

@@ -268,6 +268,8 @@ class WebSession:
             "faces": s.faces_last,
             "swapping": self.swapping,
             "face": self.face,
+            # photos of the face in use: several when each frame picks the nearest
+            "face_photos": len(sources.names) if (sources := self.engine.source_set) else 1,
         }
 
     def start(self, track: MediaStreamTrack, on_end: EndCallback) -> None:
@@ -325,12 +327,14 @@ class WebSession:
         # converted here, on this thread, so the encoder's thread gets what it encodes
         return VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
 
-    def set_face(self, image: np.ndarray, name: str) -> None:
+    def set_face(self, images: list[np.ndarray], name: str) -> None:
         """Blocking (a tiled detection): call off the event loop. Raises NoFaceError and
-        keeps the old face when the photo shows none."""
-        # load_source prepares the face fully, then swaps one reference: the worker sees
+        keeps the old face when a photo shows none. Several photos: of one person, each face
+        gets the nearest in expression."""
+        # the sources are prepared fully, then one reference is swapped: the worker sees
         # the old face or the new one, never half of each (as StreamManager.set_source)
-        self.engine.load_source(image, name=name)
+        photos = [(image, f"{name} (photo {i + 1})") for i, image in enumerate(images)]
+        self.engine.load_sources(photos if len(images) > 1 else [(images[0], name)])
         self.face = name
 
     async def close(self, reason: str = "closed") -> None:
@@ -541,10 +545,11 @@ class WebSessions:
     def sessions(self) -> list[WebSession]:
         return list(self._sessions.values())
 
-    async def set_face(self, session_id: str, image: np.ndarray, name: str) -> None:
-        """A new face for the session, from its next frame, without reconnecting."""
+    async def set_face(self, session_id: str, images: list[np.ndarray], name: str) -> None:
+        """A new face for the session (one photo, or several of one person), from its next
+        frame, without reconnecting."""
         session = self.get(session_id)
-        await asyncio.to_thread(session.set_face, image, name)
+        await asyncio.to_thread(session.set_face, images, name)
         log.info("web session %s: face is now %s", session_id, name)
 
     def set_swapping(self, session_id: str, enabled: bool) -> None:

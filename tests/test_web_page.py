@@ -358,3 +358,19 @@ def test_with_a_token_the_page_asks_for_it_and_closes_with_it(new_page):
         wait_until(lambda: listed() == [], 4, "the keepalive DELETE to close the session")
     finally:
         web.stop()
+
+
+def test_several_photos_of_the_person_upload_as_one_face(server, new_page):
+    """Picking two photos in the page's file input sends both (a multipart form), and the
+    server takes them as one face."""
+    page = new_page()
+    session = connect(page, server, sample=SAMPLE)
+    people = MEDIA / "people"
+    page.set_input_files("#face-file", [str(people / "jolie1.jpg"), str(people / "jolie2.jpg")])
+    wait_until(
+        lambda: {s["session"]: s["face"] for s in sessions(server)}.get(session) == "2 photos",
+        15,
+        "the two photos taken as the face",
+    )
+    assert page.locator("#face-name").text_content() == "2 photos"
+    assert status(page) == "connected" and not page.errors, page.errors

@@ -542,3 +542,31 @@ def test_serve_mounts_the_page_and_web_exits_cleanly_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_several_photos_of_the_person_as_one_face(web):
+    """The page's multi-file upload: a multipart form repeating the part ``file``."""
+    frames = camera_frames(10)
+    people = MEDIA / "people"
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client = Client(http, CameraTrack(frames))
+        session = await client.connect(face=SAMPLE)
+        await client.wait_frames(3)
+        files = [
+            ("file", (n, (people / n).read_bytes(), "image/jpeg"))
+            for n in ("jolie1.jpg", "jolie2.jpg")
+        ]
+        url = f"/api/web/sessions/{session}/face"
+        reply = await http.put(url, files=files, params={"name": "jolie"})
+        assert reply.status_code == 200 and reply.json() == {"face": "jolie"}, reply.text
+        stats = await client.stats()
+        assert stats["face"] == "jolie" and stats["face_photos"] == 2, stats
+        # each photo gets the upload checks: a second part that is not an image is refused
+        # and the session keeps its two photos
+        bad = [files[0], ("file", ("x.jpg", b"%PDF-1.7\n" + b"x" * 500, "image/jpeg"))]
+        assert (await http.put(url, files=bad)).status_code == 415
+        assert (await client.stats())["face_photos"] == 2
+        await client.close()
+
+    run(body, web)

@@ -34,7 +34,7 @@
     pc: null,
     camera: null,
     session: null,
-    pendingFile: null, // a face chosen before the session existed
+    pendingFiles: null, // the photos of a face chosen before the session existed
     generation: 0, // bumped on teardown so callbacks of an old connection stop
     rvfcFrames: 0,
     lastSample: null,
@@ -148,13 +148,24 @@
     }
   }
 
-  async function uploadFace(file) {
+  // One photo goes as the body; several photos of the person go as a multipart form with
+  // the part "file" repeated (the browser sets the boundary), and each face on the server
+  // then gets the photo nearest its expression.
+  async function uploadFace(files) {
     // ?name= only labels the upload on screen; the server keeps no file name
-    const query = `?name=${encodeURIComponent(file.name)}`;
-    const reply = await api("PUT", sessionPath(state.session, "/face") + query, {
-      body: file,
-      contentType: file.type || "application/octet-stream",
-    });
+    const label = files.length === 1 ? files[0].name : `${files.length} photos`;
+    const query = `?name=${encodeURIComponent(label)}`;
+    let request;
+    if (files.length === 1) {
+      request = { body: files[0], contentType: files[0].type || "application/octet-stream" };
+    } else {
+      const form = new FormData();
+      for (const file of files) {
+        form.append("file", file, file.name);
+      }
+      request = { body: form };
+    }
+    const reply = await api("PUT", sessionPath(state.session, "/face") + query, request);
     ui.faceName.textContent = reply.face;
     cleared();
   }
@@ -168,7 +179,7 @@
 
   async function onSampleChange() {
     const name = ui.faceSample.value;
-    state.pendingFile = null;
+    state.pendingFiles = null;
     ui.faceFile.value = "";
     if (!state.session) {
       return;
@@ -192,18 +203,19 @@
   }
 
   async function onFileChange() {
-    const file = ui.faceFile.files[0];
-    if (!file) {
+    const files = Array.from(ui.faceFile.files);
+    if (files.length === 0) {
       return;
     }
     ui.faceSample.value = "";
     if (!state.session) {
-      state.pendingFile = file; // sent right after connecting
-      ui.faceName.textContent = `${file.name} (sent on Start)`;
+      state.pendingFiles = files; // sent right after connecting
+      const label = files.length === 1 ? files[0].name : `${files.length} photos`;
+      ui.faceName.textContent = `${label} (sent on Start)`;
       return;
     }
     try {
-      await uploadFace(file);
+      await uploadFace(files);
       if (!ui.swapping.checked) {
         ui.swapping.checked = true;
         await setSwapping(true);
@@ -286,13 +298,13 @@
   // Choices made before the session existed: a refusal (no face in the photo, say) is
   // shown but keeps the connection.
   async function applyPending() {
-    if (state.pendingFile) {
-      const file = state.pendingFile;
-      state.pendingFile = null;
+    if (state.pendingFiles) {
+      const files = state.pendingFiles;
+      state.pendingFiles = null;
       try {
-        await uploadFace(file);
+        await uploadFace(files);
       } catch (err) {
-        ui.faceName.textContent = `${file.name} refused`;
+        ui.faceName.textContent = `${files.length === 1 ? files[0].name : "photos"} refused`;
         showError(err);
       }
     }
@@ -347,7 +359,7 @@
 
       await pc.setLocalDescription(await pc.createOffer());
       await iceGatheringComplete(pc, ICE_GATHER_MS);
-      const sample = state.pendingFile ? null : ui.faceSample.value || null;
+      const sample = state.pendingFiles ? null : ui.faceSample.value || null;
       const answer = await api("POST", "/sessions", {
         json: { sdp: pc.localDescription.sdp, type: "offer", face: sample },
       });
