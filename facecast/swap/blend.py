@@ -27,8 +27,18 @@ def feathered(mask: np.ndarray, feather_px: float) -> np.ndarray:
     ``feather_px`` pixels (a smoothstep on the distance to the edge: no visible seam line)."""
     if feather_px < 1:
         return (mask > 127).astype(np.float32)
-    dist = cv2.distanceTransform((mask > 127).astype(np.uint8), cv2.DIST_L2, 3)
-    t = np.clip(dist / feather_px, 0.0, 1.0)
+    return ramp(inside_distance(mask), feather_px)
+
+
+def inside_distance(mask: np.ndarray) -> np.ndarray:
+    """Each pixel's distance to the edge of ``mask`` (0 outside): computed once, it gives
+    feathers of any width through ``ramp``."""
+    return cv2.distanceTransform((mask > 127).astype(np.uint8), cv2.DIST_L2, 3)
+
+
+def ramp(distance: np.ndarray, width: float) -> np.ndarray:
+    """0 at the edge to 1 at ``width`` pixels inside, as a smoothstep (no visible seam)."""
+    t = np.clip(distance / max(width, 1e-6), 0.0, 1.0)
     return t * t * (3 - 2 * t)
 
 
@@ -43,16 +53,19 @@ def soft_holes(mask: np.ndarray, blur_px: float) -> np.ndarray:
 
 
 def masked_blur(channel: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of ``channel`` using only pixels where ``mask`` (0..1) is set: the
-    low-frequency shading of the skin, not of the hair or background around it. Computed at
-    a reduced scale: the result is smooth by construction, so nothing is lost."""
-    h, w = channel.shape
+    """Gaussian blur of ``channel`` (H x W, or H x W x C for several at once) using only
+    pixels where ``mask`` (0..1) is set: the low-frequency shading of the skin, not of the
+    hair or background around it. Computed at a reduced scale: the result is smooth by
+    construction, so nothing is lost."""
+    h, w = channel.shape[:2]
     factor = max(1, int(sigma / 3))
     small = (max(1, w // factor), max(1, h // factor))
     m = cv2.resize(mask, small, interpolation=cv2.INTER_AREA)
-    c = cv2.resize(channel * mask, small, interpolation=cv2.INTER_AREA)
+    weighted = channel * (mask[:, :, None] if channel.ndim == 3 else mask)
+    c = cv2.resize(weighted, small, interpolation=cv2.INTER_AREA)
     s = sigma * small[0] / w
-    ratio = cv2.GaussianBlur(c, (0, 0), s) / np.maximum(cv2.GaussianBlur(m, (0, 0), s), 1e-4)
+    norm = np.maximum(cv2.GaussianBlur(m, (0, 0), s), 1e-4)
+    ratio = cv2.GaussianBlur(c, (0, 0), s) / (norm[:, :, None] if c.ndim == 3 else norm)
     return cv2.resize(ratio, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
@@ -91,9 +104,11 @@ def transfer_colour(
         # where the colour shift lands: lighting (L) everywhere, colour casts (a, b) only on
         # the skin it was measured on, so a beard, the sclera or teeth keep their own hue
         on_skin = cv2.GaussianBlur(weight, (0, 0), max(1.0, shading_sigma / 8))
-        for c, where in ((0, 1.0), (1, on_skin), (2, on_skin)):
-            local = masked_blur(tgt[:, :, c].astype(np.float32), weight, shading_sigma)
-            out[:, :, c] += (local - masked_blur(out[:, :, c], weight, shading_sigma)) * where
+        shift = masked_blur(tgt.astype(np.float32), weight, shading_sigma) - masked_blur(
+            out, weight, shading_sigma
+        )
+        out[:, :, 0] += shift[:, :, 0]
+        out[:, :, 1:] += shift[:, :, 1:] * on_skin[:, :, None]
     return cv2.cvtColor(np.clip(out + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
 
 

@@ -38,7 +38,9 @@ TARGET_OCCLUDER_DISTANCE = 5.0
 # of the face (a microphone, a cup, a sleeve) and stays. Measured on the people photos: beards
 # 1.9-2.9x the skin's texture, a jacket held over a cheek 0.6x.
 OCCLUDER_SMOOTH, OCCLUDER_TEXTURED = 1.0, 1.6
-OCCLUDER_FACE_PX = 160  # face width the occluder mask is worked out at
+OCCLUDER_FACE_PX = 112  # face width the occluder mask is worked out at
+# The pasted face fades out over this fraction of its width at its outline.
+OVAL_FEATHER = 0.06
 # The band along the face's outline, as a fraction of its width, where only the source's skin
 # is pasted (its background or collar may lie there); inside it the source is pasted whole.
 SOURCE_EDGE = 0.15
@@ -279,8 +281,10 @@ class MeshSwapper:
             # The source is pasted whole inside; near its outline only where it shows skin:
             # there the mesh can overlap the source photo's background, or the far side of a
             # turned target reaches the source's edge (a curtain, a collar, a tie).
-            whole = np.maximum(source_skin, blend.feathered(oval, SOURCE_EDGE * face_width))
-            alpha = blend.feathered(oval, 0.06 * face_width) * (1.0 - holes) * whole
+            depth = blend.inside_distance(oval)  # one distance map, every feather from it
+            edge = blend.ramp(depth, OVAL_FEATHER * face_width)
+            whole = np.maximum(source_skin, blend.ramp(depth, SOURCE_EDGE * face_width))
+            alpha = edge * (1.0 - holes) * whole
 
             not_skin = cv2.dilate(
                 blend.polygon_mask(shape, self.feature_polygons(local)),
@@ -289,7 +293,7 @@ class MeshSwapper:
             )
             # skin bare in both faces: the source's beard or brows must not read as a
             # shadow to be lifted, nor the target's as one to be cast
-            skin = blend.feathered(oval, 0.06 * face_width) * (not_skin < 128) * source_skin
+            skin = edge * (not_skin < 128) * source_skin
             coloured = blend.transfer_colour(
                 face_px,
                 background,
