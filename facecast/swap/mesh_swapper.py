@@ -40,7 +40,7 @@ TARGET_OCCLUDER_DISTANCE = 5.0
 OCCLUDER_SMOOTH, OCCLUDER_TEXTURED = 1.0, 1.6
 OCCLUDER_FACE_PX = 112  # face width the occluder mask is worked out at
 # The pasted face fades out over this fraction of its width at its outline.
-OVAL_FEATHER = 0.06
+OVAL_FEATHER = 0.045
 # The band along the face's outline, as a fraction of its width, where only the source's skin
 # is pasted (its background or collar may lie there); inside it the source is pasted whole.
 SOURCE_EDGE = 0.15
