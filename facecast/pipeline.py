@@ -39,6 +39,9 @@ from facecast.timing import StageClock
 log = logging.getLogger(__name__)
 
 
+INDEX_WARNING_EVERY = 60.0  # seconds between "index:N chooses no face" log lines
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     selection: Selection = field(default_factory=Selection)
@@ -56,6 +59,9 @@ class EngineOptions:
     references: tuple[tuple[Path, Path], ...] = ()
     # which model does each job (embedded defaults, or the user's ONNX files)
     models: ModelChoice = field(default_factory=ModelChoice)
+    # log "index:N chooses no face" now and then (streams, the web page); the file runners
+    # count such frames and report them once instead
+    log_index_misses: bool = True
 
 
 @dataclass
@@ -105,6 +111,7 @@ class SwapEngine:
         self.swapper = self.models.swapper
         self.source: Any = None  # what swapper.prepare() made of the source photo
         self.source_set: SourceSet | None = None  # several source photos, see load_sources
+        self._index_warned = -INDEX_WARNING_EVERY  # when index:N last chose no face (log)
         self.temporal = TemporalFaces(self.options.fps) if self.options.temporal else None
         self.last_faces: list[Face] = []
         # reference mode: (the person to swap, the face they get), see add_reference()
@@ -204,6 +211,13 @@ class SwapEngine:
         if self.source_set is not None:
             self.source_set.forget({f.track_id for f in faces if f.track_id is not None})
         chosen = self._chosen(image, faces, clock)
+        if (
+            faces
+            and not chosen
+            and self.options.selection.mode == "index"
+            and self.options.log_index_misses
+        ):
+            self._warn_index_missed(len(faces))
         result = FrameResult(faces=len(faces), chosen=len(chosen))
         self.last_swaps = []
         for face, ref in chosen:
@@ -221,6 +235,20 @@ class SwapEngine:
             with clock.stage("label"):
                 draw_label(image, self.options.label_text)
         return result
+
+    def _warn_index_missed(self, count: int) -> None:
+        """``index:N`` past the faces in view: said in the log (at most every
+        ``INDEX_WARNING_EVERY`` seconds, a stream may run for hours), never silently."""
+        now = time.monotonic()
+        if now - self._index_warned < INDEX_WARNING_EVERY:
+            return
+        self._index_warned = now
+        log.warning(
+            "--faces %s chooses no face: %d in view (index:0 to index:%d)",
+            self.options.selection,
+            count,
+            count - 1,
+        )
 
     def _chosen(
         self, image: np.ndarray, faces: list[Face], clock: StageClock
@@ -316,7 +344,7 @@ def swap_image_file(
 ) -> RunStats:
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise MediaError(f"{output}: an image target needs a .png or .jpg output")
-    engine = _engine_for(source, replace(options, tiles=True))
+    engine = _engine_for(source, replace(options, tiles=True, log_index_misses=False))
     image = read_image(target)
     stats = RunStats()
     stats.count(engine.process(image, stats.clock))
@@ -379,7 +407,10 @@ def swap_video_file(
     by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
     packets travel the same queues untouched, so the sink muxes them in container order."""
     detect_every = options.detect_every if options.detect_every > 1 else FILE_DETECT_EVERY
-    engine = _engine_for(source, replace(options, detect_every=detect_every, temporal=True))
+    engine = _engine_for(
+        source,
+        replace(options, detect_every=detect_every, temporal=True, log_index_misses=False),
+    )
     stats = RunStats()
     clock = stats.clock
     started = time.perf_counter()

@@ -272,3 +272,19 @@ def test_bench_update_docs_outside_a_clone_is_refused(monkeypatch):
         cli.docs_for(True)
     assert caught.value.exit_code == 2
     assert cli.docs_for(False) is None
+
+
+def test_index_past_the_faces_is_logged_by_the_engine_now_and_then(media, caplog):
+    """Streams and the web page have no summary line: the engine says it in the log, once a
+    minute at most (a stream runs for hours)."""
+    from facecast.faces.select import Selection
+    from facecast.media.image_io import read_image
+    from facecast.pipeline import EngineOptions, SwapEngine
+
+    engine = SwapEngine(EngineOptions(selection=Selection.parse("index:3"), tiles=True))
+    engine.load_source(read_image(media / "obama.jpg"))
+    with caplog.at_level("WARNING", logger="facecast.pipeline"):
+        for _ in range(3):
+            engine.process(read_image(media / "two_people.jpg"))
+    lines = [r.getMessage() for r in caplog.records if "chooses no face" in r.getMessage()]
+    assert lines == ["--faces index:3 chooses no face: 2 in view (index:0 to index:1)"]
