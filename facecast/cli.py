@@ -129,7 +129,11 @@ HostFlag = Annotated[
     str,
     typer.Option(metavar="ADDRESS", help="Listen address; loopback only unless a token is set."),
 ]
-DEFAULT_RESULTS = REPO / "bench" / "results"
+# A clone keeps its results beside its code; an installed package (site-packages) has no
+# such folder, so there they go to bench/results under the working folder.
+DEFAULT_RESULTS = (
+    REPO / "bench" / "results" if (REPO / "pyproject.toml").is_file() else Path("bench/results")
+)
 
 
 def model_flags(
