@@ -202,8 +202,7 @@ class MeshSwapper:
         skin = candidates == 0
         skin_texture = float(np.median(texture[skin])) if skin.any() else 1.0
         ratio = blend.component_medians(labels, texture, count) / max(skin_texture, 0.5)
-        t = np.clip((ratio - OCCLUDER_SMOOTH) / (OCCLUDER_TEXTURED - OCCLUDER_SMOOTH), 0.0, 1.0)
-        smooth = 1.0 - t * t * (3 - 2 * t)
+        smooth = 1.0 - blend.ramp(ratio - OCCLUDER_SMOOTH, OCCLUDER_TEXTURED - OCCLUDER_SMOOTH)
         smooth[0] = 0.0  # label 0: the skin itself
         # full strength from halfway off-skin: a soft edge would let the new face's colour
         # bleed into the rim of what stands in front of it

@@ -68,22 +68,18 @@ class SourceSet:
     # per track: (chosen index, candidate index, frames the candidate has been nearer)
     _tracks: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
-    def nearest(self, vector: np.ndarray) -> int:
-        return int(np.argmin(np.linalg.norm(self.vectors - vector, axis=1)))
-
     def pick(self, mesh: np.ndarray, track_id: int | None = None) -> Any:
         """The prepared source for a target face with this mesh. Without a track id (a
         still image) simply the nearest; with one, the previous choice unless another has
         been nearer by ``SWITCH_MARGIN`` for ``SWITCH_FRAMES`` frames."""
-        vector = expression_vector(mesh)
-        best = self.nearest(vector)
+        distances = np.linalg.norm(self.vectors - expression_vector(mesh), axis=1)
+        best = int(np.argmin(distances))
         if track_id is None:
             return self.prepared[best]
         if track_id not in self._tracks:
             self._tracks[track_id] = (best, best, 0)
             return self.prepared[best]
         chosen, candidate, frames = self._tracks[track_id]
-        distances = np.linalg.norm(self.vectors - vector, axis=1)
         if best != chosen and distances[chosen] - distances[best] > SWITCH_MARGIN:
             frames = frames + 1 if best == candidate else 1
             if frames >= SWITCH_FRAMES:
