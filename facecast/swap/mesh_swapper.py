@@ -199,7 +199,7 @@ class MeshSwapper:
         grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
         detail = np.abs(grey - cv2.GaussianBlur(grey, (0, 0), max(1.0, face_width / 200)))
         texture = cv2.GaussianBlur(detail, (0, 0), max(1.0, face_width / 100))
-        skin = candidates == 0
+        skin = (candidates == 0) & oval  # the face's own bare skin, not the background
         skin_texture = float(np.median(texture[skin])) if skin.any() else 1.0
         ratio = blend.component_medians(labels, texture, count) / max(skin_texture, 0.5)
         smooth = 1.0 - blend.ramp(ratio - OCCLUDER_SMOOTH, OCCLUDER_TEXTURED - OCCLUDER_SMOOTH)
