@@ -171,27 +171,22 @@ def bearer_guard(token: str | None) -> list[Any]:
 async def read_image_upload(request: Request, limit: int, name: str) -> np.ndarray:
     """The uploaded image (the raw body, or the multipart part ``file``), or the HTTP error
     that says what is wrong with it."""
-    if is_multipart(request):
-        parts = await read_form(request, limit, (UPLOAD_FIELD,), required=(UPLOAD_FIELD,))
-        data = parts[UPLOAD_FIELD][0]
-    else:
-        data = await read_limited(request, limit)
-    return decode_upload(data, name)
+    return (await read_image_uploads(request, limit, name, most=1))[0]
 
 
-async def read_image_uploads(request: Request, limit: int, name: str) -> list[np.ndarray]:
-    """Like ``read_image_upload``, but a multipart body may repeat the part ``file`` (up to
-    ``MAX_SOURCE_PHOTOS``): several photos of one person. Each gets the same checks."""
+async def read_image_uploads(
+    request: Request, limit: int, name: str, most: int = MAX_SOURCE_PHOTOS
+) -> list[np.ndarray]:
+    """Like ``read_image_upload``, but a multipart body may repeat the part ``file`` up to
+    ``most`` times: several photos of one person. Each gets the same checks."""
     if not is_multipart(request):
         return [decode_upload(await read_limited(request, limit), name)]
     parts = await read_form(
-        request,
-        limit,
-        (UPLOAD_FIELD,),
-        required=(UPLOAD_FIELD,),
-        repeatable={UPLOAD_FIELD: MAX_SOURCE_PHOTOS},
+        request, limit, (UPLOAD_FIELD,), required=(UPLOAD_FIELD,), repeatable={UPLOAD_FIELD: most}
     )
     photos = parts[UPLOAD_FIELD]
+    if len(photos) == 1:
+        return [decode_upload(photos[0], name)]
     return [decode_upload(data, f"{name} (photo {i + 1})") for i, data in enumerate(photos)]
 
 
