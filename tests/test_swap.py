@@ -8,6 +8,7 @@ import pytest
 
 from facecast.faces.embed import face_distance
 from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
+from facecast.swap.shape import transfer_shape
 
 from .conftest import load
 
@@ -173,3 +174,47 @@ def test_feather_leaves_no_seam(analyser):
     )
     for mode, out in outs.items():
         assert edge_strength(out) < 1.5 * edge_strength(target), mode
+
+
+def test_source_eyes_are_warped_with_the_face(analyser):
+    """The mesh leaves the eyes as holes. They need triangles of their own: without them the
+    source's eye was sampled off its texture's edge, a flat fill that showed as a bright ring
+    around every kept eye (and as the whole eye with ``keep_eyes`` off)."""
+    swapper = MeshSwapper(SwapOptions(keep_eyes=False, keep_occluders=False))
+    source, target = load("people/damon1.jpg"), load("people/musk1.jpg")
+    source_face, target_face = analyser.analyse(source)[0], analyser.analyse(target)[0]
+    out = target.copy()
+    assert swapper.swap(out, target_face, swapper.prepare(source, source_face))
+    # where the swapper puts the eyes: the target's mesh in the source's proportions
+    new = transfer_shape(target_face.mesh, source_face.mesh, swapper.topology)
+    grey = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)
+    for eye in (swapper.topology.right_eye, swapper.topology.left_eye):
+        opening = np.zeros(grey.shape, np.uint8)
+        cv2.fillPoly(opening, [new[eye].round().astype(np.int32)], 1)
+        opening = cv2.erode(opening, np.ones((3, 3), np.uint8)).astype(bool)
+        assert opening.sum() > 40
+        spread = float(grey[opening].std())
+        print(f"grey spread inside the eye opening: {spread:.1f}")
+        assert spread > 20  # an iris on its white, not one flat colour
+
+
+def test_recolouring_never_clips_the_highlights():
+    """A dark face recoloured onto a light one: its brightest pixels (the eyes' whites, the
+    teeth) keep their gradations instead of clipping to one flat white."""
+    from facecast.swap import blend
+
+    ramp_row = np.linspace(90, 250, 200, dtype=np.float32)  # skin to sclera white
+    source = np.repeat(ramp_row[None, :, None], 40, 0).repeat(3, 2)
+    source = cv2.add(
+        source.astype(np.uint8),
+        np.random.default_rng(1).integers(0, 12, source.shape, dtype=np.uint8),
+    )
+    target = np.clip(source.astype(int) + 60, 0, 255).astype(np.uint8)  # a lighter face
+    skin = np.zeros(source.shape[:2], np.float32)
+    skin[:, :100] = 1.0
+    out = blend.transfer_colour(source, target, skin)
+    lightness = cv2.cvtColor(out, cv2.COLOR_BGR2LAB)[:, :, 0].mean(0)
+    print(f"brightest columns: {lightness[-5:].round()}")
+    assert lightness.max() < 255
+    assert np.all(np.diff(lightness[100:]) > -1.5)  # still rising to the end, no plateau
+    assert lightness[-1] - lightness[-40] > 2

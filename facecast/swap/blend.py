@@ -69,17 +69,34 @@ def masked_blur(channel: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarr
     return cv2.resize(ratio, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+# 8-bit LAB lightness past which a recoloured pixel is compressed instead of clipped
+HIGHLIGHT_KNEE = 215.0
+
+
+def soft_highlights(lightness: np.ndarray, knee: float = HIGHLIGHT_KNEE) -> np.ndarray:
+    """8-bit LAB L compressed above ``knee`` so that it approaches 255 without reaching it:
+    a skin gain that lifts a dark face onto a light one would otherwise clip the sclera and
+    teeth to flat white, a bright ring around every kept eye."""
+    room = 255.0 - knee
+    over = np.maximum(lightness - knee, 0.0)
+    return np.where(over > 0, knee + room * over / (over + room), lightness)
+
+
 def transfer_colour(
     source: np.ndarray,
     target: np.ndarray,
     skin: np.ndarray,
     shading_sigma: float = 0.0,
     settle_stats: Callable[[np.ndarray], np.ndarray] | None = None,
+    own_hue: np.ndarray | None = None,
 ) -> np.ndarray:
     """Recolour ``source`` (BGR uint8) to ``target``'s skin: LAB mean and spread matched on
     the skin mask, then, if ``shading_sigma`` > 0, a smooth local field at that scale: the
     target's low-frequency lighting carried over on L, so directional light falls on the new
     face as it did on the old one, and its local colour casts on the skin's a and b.
+
+    ``own_hue`` (0..1): where the source keeps its own a and b (the eyes' whites, the teeth):
+    the skin's colour cast would tint them.
 
     ``settle_stats`` (video) maps this frame's statistics, ``[mean_s, sd_s, mean_t, sd_t]``
     (12 values), to the ones to use: a per-face temporal filter, so the colour does not
@@ -98,7 +115,8 @@ def transfer_colour(
     mu_s, sd_s, mu_t, sd_t = np.asarray(stats, np.float64).reshape(4, 3)
     gain = np.clip(sd_t / np.maximum(sd_s, 1e-3), 0.75, 1.33)
     offset = mu_t - mu_s * gain
-    out = src.astype(np.float32) * gain.astype(np.float32) + offset.astype(np.float32)
+    src_f = src.astype(np.float32)
+    out = src_f * gain.astype(np.float32) + offset.astype(np.float32)
     if shading_sigma > 0:
         weight = skin.astype(np.float32)
         # where the colour shift lands: lighting (L) everywhere, colour casts (a, b) only on
@@ -109,6 +127,10 @@ def transfer_colour(
         )
         out[:, :, 0] += shift[:, :, 0]
         out[:, :, 1:] += shift[:, :, 1:] * on_skin[:, :, None]
+    if own_hue is not None:
+        keep = own_hue.astype(np.float32)[:, :, None]
+        out[:, :, 1:] += (src_f[:, :, 1:] - out[:, :, 1:]) * keep
+    out[:, :, 0] = soft_highlights(out[:, :, 0])
     return cv2.cvtColor(np.clip(out + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
 
 

@@ -68,19 +68,26 @@ class SwapOptions:
     keep_occluders: bool = True  # what covers the target's face (hand, mic) stays in front
 
 
-# The mouth corners on the inner lip line: they split the inner-lip loop into upper and lower.
+# Corners of the openings the mesh leaves as holes: each splits its loop into two lid (or
+# lip) lines. The mouth's are on the inner lip line.
 INNER_MOUTH_CORNERS = (78, 308)
+RIGHT_EYE_CORNERS = (33, 133)
+LEFT_EYE_CORNERS = (362, 263)
 
 
-def mouth_triangles(inner_lips: np.ndarray) -> np.ndarray:
-    """A strip of triangles across the mouth opening, which the mesh leaves as a hole, so the
-    target's teeth move with its lips and the source's lips can close over it if asked."""
-    loop = [int(i) for i in inner_lips]
-    a, b = loop.index(INNER_MOUTH_CORNERS[0]), loop.index(INNER_MOUTH_CORNERS[1])
+def opening_triangles(loop_points: np.ndarray, corners: tuple[int, int]) -> np.ndarray:
+    """A strip of triangles across an opening the mesh leaves as a hole (the mouth, each eye),
+    so what is inside it is warped with the face: without them, the source's eyes and mouth
+    were sampled off its texture's edge (a flat fill) and the target's stayed where they
+    were, not where the new geometry puts them."""
+    loop = [int(i) for i in loop_points]
+    a, b = loop.index(corners[0]), loop.index(corners[1])
     rolled = loop[a:] + loop[:a]
     b = (b - a) % len(loop)
-    # both lip lines run corner to corner; the strip pairs their k-th points
+    # both lines run corner to corner; the strip pairs their k-th points
     upper, lower = rolled[: b + 1], [rolled[0], *reversed(rolled[b:])]
+    if len(upper) != len(lower):
+        raise ValueError(f"opening {corners}: lines of {len(upper)} and {len(lower)} points")
     tris = []
     for k in range(len(upper) - 1):
         tris += [(upper[k], upper[k + 1], lower[k]), (upper[k + 1], lower[k + 1], lower[k])]
@@ -105,8 +112,14 @@ class MeshSwapper:
         n_points = 468
         self.ring = ring_triangles(self.topology.face_oval, n_points)
         # mesh first (ids < len(face_triangles) index the source texture), ring last
+        topo = self.topology
         self.face_triangles = np.vstack(
-            [self.topology.triangles, mouth_triangles(self.topology.inner_lips)]
+            [
+                topo.triangles,
+                opening_triangles(topo.inner_lips, INNER_MOUTH_CORNERS),
+                opening_triangles(topo.right_eye, RIGHT_EYE_CORNERS),
+                opening_triangles(topo.left_eye, LEFT_EYE_CORNERS),
+            ]
         )
         self.all_triangles = np.vstack([self.face_triangles, self.ring])
 
