@@ -128,3 +128,27 @@ def test_following_meshes_between_detections_keeps_the_face(tmp_path):
     print(f"mean mesh difference, followed vs detected: {100 * np.mean(errors):.2f}% of face width")
     assert np.mean(errors) < 0.03
     assert clock.calls["detect"] == len(images) // 3  # the detector really ran less often
+
+
+def test_gaze_reader_reads_a_tracked_face_every_other_frame(analyser):
+    """On the frame after a read, a tracked face's irises come from its last gaze placed in
+    its new mesh (they move with the head); an untracked face is read every time."""
+    from facecast.faces.iris import GazeReader, iris_centres
+
+    image = load("people/jolie1.jpg")
+    mesh = analyser.analyse(image)[0].mesh
+    shifted_image = np.ascontiguousarray(np.roll(image, 12, axis=1))
+    shifted_mesh = mesh + np.array([12.0, 0.0, 0.0])
+    reader = GazeReader()
+    first = reader.irises(image, mesh, track_id=7)
+    np.testing.assert_allclose(first, iris_centres(image, mesh))
+    # the frame after: the same gaze carried by the moved mesh, exactly 12 px along
+    np.testing.assert_allclose(
+        reader.irises(shifted_image, shifted_mesh, 7), first + np.array([12.0, 0.0]), atol=1e-6
+    )
+    # and the one after that is read again from the pixels
+    np.testing.assert_allclose(
+        reader.irises(shifted_image, shifted_mesh, 7), iris_centres(shifted_image, shifted_mesh)
+    )
+    untracked = [reader.irises(image, mesh, None) for _ in range(2)]
+    np.testing.assert_allclose(untracked[1], iris_centres(image, mesh))

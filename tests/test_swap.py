@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from facecast.faces.embed import face_distance
+from facecast.faces.iris import gaze_in_eyes, iris_centres
 from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
-from facecast.swap.shape import transfer_shape
+from facecast.swap.shape import eye_with_opening, fit_source_to_target, transfer_shape
 
 from .conftest import load
 
@@ -218,3 +219,61 @@ def test_recolouring_never_clips_the_highlights():
     assert lightness.max() < 255
     assert np.all(np.diff(lightness[100:]) > -1.5)  # still rising to the end, no plateau
     assert lightness[-1] - lightness[-40] > 2
+
+
+def test_pasted_eyes_look_where_the_target_looks(analyser):
+    """Aniston looks to her left in her photo, Jolie to her right in hers. The source's eyes
+    are pasted (lids and irises are identity), but its irises go where the target's are: the
+    output's gaze is near the target's, not the source photo's. Not exact: the fan warp
+    squeezes the iris on the side it moves to, and the model reads a squeezed disc a little
+    off its centre."""
+    source, target = load("people/aniston1.jpg"), load("people/jolie1.jpg")
+    source_face, target_face = analyser.analyse(source)[0], analyser.analyse(target)[0]
+    target_gaze = gaze_in_eyes(target_face.mesh, iris_centres(target, target_face.mesh))
+    errors = {}
+    for follow in (True, False):
+        swapper = MeshSwapper(SwapOptions(follow_gaze=follow))
+        out = target.copy()
+        assert swapper.swap(out, target_face, swapper.prepare(source, source_face))
+        out_mesh = analyser.analyse(out)[0].mesh
+        gaze = gaze_in_eyes(out_mesh, iris_centres(out, out_mesh))
+        errors[follow] = float(np.abs(gaze - target_gaze)[:, 0].mean())  # along the eye
+    print(f"gaze error (eye widths): following {errors[True]:.3f}, not {errors[False]:.3f}")
+    assert errors[True] < 0.07  # eye widths
+    assert errors[False] > 2 * errors[True]
+
+
+def test_a_squinting_source_eye_leaves_the_target_eye(analyser):
+    """A source photo with a squint or a blink cannot stand in for an open eye: the target's
+    eye stays; an eye about as open as the target's is pasted."""
+    swapper = MeshSwapper()
+    target = analyser.analyse(load("people/zuckerberg1.jpg"))[0].mesh
+    source = analyser.analyse(load("people/damon1.jpg"))[0].mesh
+    assert swapper.kept_eyes(target, source) == (0.0, 0.0)
+    squint = source.copy()
+    topo = swapper.topology
+    for eye in (topo.right_eye, topo.left_eye):  # lids pulled to a third of their opening
+        centre = squint[eye, 1].mean()
+        squint[eye, 1] = centre + (squint[eye, 1] - centre) / 3
+    assert swapper.kept_eyes(target, squint) == (1.0, 1.0)
+
+
+def test_eye_outline_is_the_sources_opened_like_the_targets(analyser):
+    """Pichai's eye (narrower) given Zuckerberg's opening: corners and lid curves stay the
+    source's, the distance between the lids becomes the target's."""
+    topo = MeshSwapper().topology
+    target_mesh = analyser.analyse(load("people/zuckerberg1.jpg"))[0].mesh
+    source_mesh = analyser.analyse(load("people/pichai1.jpg"))[0].mesh
+    target = target_mesh[:, :2]
+    source = fit_source_to_target(source_mesh, target_mesh)[:, :2]  # posed as the swap does
+    eye, corners = topo.right_eye, [33, 133]
+    moved = eye_with_opening(source[eye], target[eye], source[corners], target[corners])
+
+    def lid_gap(outline: np.ndarray, ends: np.ndarray) -> float:
+        along = (ends[1] - ends[0]) / np.linalg.norm(ends[1] - ends[0])
+        return float(np.ptp((outline - ends.mean(0)) @ np.array([-along[1], along[0]])))
+
+    assert lid_gap(source[eye], source[corners]) < 0.8 * lid_gap(target[eye], target[corners])
+    assert lid_gap(moved, source[corners]) == pytest.approx(lid_gap(target[eye], target[corners]))
+    corner_rows = [list(eye).index(c) for c in corners]
+    np.testing.assert_allclose(moved[corner_rows], source[corners], atol=1e-6)

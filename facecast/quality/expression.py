@@ -23,19 +23,14 @@ Openings are in % of the face's own inter-ocular distance (between the eye centr
 midpoint of its two corners); for a swap, target and output share the frame's geometry, so
 an error is then in % of the target's inter-ocular distance.
 
-Gaze needs the iris, which the mesh model does not give. It comes from MediaPipe's iris
-model (``iris_landmark.tflite``, the same wheel as the mesh, registered in facecast/models.py)
-run the way MediaPipe's iris graph runs it: a 64x64 crop rotated along the eye corners, 2.3x
-the corners' extent, the subject's left eye mirrored. Chosen over a darkest-pixels estimate
+Gaze needs the iris, which the mesh model does not give: MediaPipe's iris model
+(``faces/iris.py``). Chosen over a darkest-pixels estimate
 because a swap changes exactly what that estimate reads — skin tone, shadows under the brow,
 eyelashes and make-up on the lids — so it would report gaze errors the swap did not make.
 """
 
 from __future__ import annotations
 
-from functools import cache
-
-import cv2
 import numpy as np
 
 from facecast.faces.expression import (  # the mesh-only measures, shared with the engine
@@ -46,73 +41,18 @@ from facecast.faces.expression import (  # the mesh-only measures, shared with t
     openings,
 )
 from facecast.faces.face import Face
-from facecast.faces.landmarks import Roi
-from facecast.faces.litert import TFLiteModel
-from facecast.models import model_path
-
-IRIS_INPUT = 64
-IRIS_ROI_SCALE = 2.3  # MediaPipe's iris graph: the crop is 2.3x the corners' extent
-
-
-# ---------------------------------------------------------------------------- gaze
-
-
-@cache
-def _iris_model() -> TFLiteModel:
-    return TFLiteModel(model_path("iris_landmark"))
-
-
-def _eye_crop(mesh: np.ndarray, corners: tuple[int, int], mirror: bool) -> np.ndarray:
-    """2x3 affine from image pixels into the iris model's 64x64 input, as MediaPipe builds
-    it: centred between the corners, rotated along them, square on their longer extent."""
-    a, b = mesh[corners[0], :2].astype(np.float64), mesh[corners[1], :2].astype(np.float64)
-    centre = (a + b) / 2
-    size = IRIS_ROI_SCALE * max(float(np.max(np.abs(b - a))), 1.0)
-    angle = float(np.arctan2(b[1] - a[1], b[0] - a[0]))
-    to_crop = Roi(float(centre[0]), float(centre[1]), size, angle).to_crop(IRIS_INPUT)
-    if mirror:  # the model only knows the subject's right eye (the image's left one)
-        to_crop = np.array([[-1.0, 0.0, IRIS_INPUT], [0.0, 1.0, 0.0]]) @ np.vstack(
-            [to_crop, [0.0, 0.0, 1.0]]
-        )
-    return to_crop
-
-
-def iris_centres(image: np.ndarray, mesh: np.ndarray) -> np.ndarray:
-    """(2, 2) image positions of the iris centres: subject's right eye, then left."""
-    model = _iris_model()
-    centres = []
-    for corners, mirror in ((RIGHT_CORNERS, False), (LEFT_CORNERS, True)):
-        to_crop = _eye_crop(mesh, corners, mirror)
-        crop = cv2.warpAffine(
-            image,
-            to_crop,
-            (IRIS_INPUT, IRIS_INPUT),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
-        tensor = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-        iris = next(o for o in model.run(tensor) if o.size == 15).reshape(5, 3)
-        back = cv2.invertAffineTransform(to_crop)
-        centres.append(back[:, :2] @ iris[0, :2] + back[:, 2])  # point 0 is the centre
-    return np.array(centres, dtype=np.float64)
+from facecast.faces.iris import gaze_in_eyes, iris_centres
 
 
 def gaze_offsets(mesh: np.ndarray, irises: np.ndarray) -> dict[str, float]:
     """Each iris centre's offset from its eye's corner midpoint, in eye widths, along the
     eye (x, towards the image's right) and across it (y, downwards)."""
-    out = {}
-    for side, corners, iris in (
-        ("right", RIGHT_CORNERS, irises[0]),
-        ("left", LEFT_CORNERS, irises[1]),
-    ):
-        a, b = mesh[corners[0], :2].astype(np.float64), mesh[corners[1], :2].astype(np.float64)
-        width = max(float(np.linalg.norm(b - a)), 1e-9)
-        along = (b - a) / width
-        across = np.array([-along[1], along[0]])
-        offset = iris - (a + b) / 2
-        out[f"gaze_{side}_x"] = float(offset @ along) / width
-        out[f"gaze_{side}_y"] = float(offset @ across) / width
-    return out
+    gaze = gaze_in_eyes(mesh, irises)
+    return {
+        f"gaze_{side}_{axis}": float(gaze[k, j])
+        for k, side in enumerate(("right", "left"))
+        for j, axis in enumerate(("x", "y"))
+    }
 
 
 def _eye_width_over_iod(mesh: np.ndarray) -> float:

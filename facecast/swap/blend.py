@@ -52,21 +52,48 @@ def soft_holes(mask: np.ndarray, blur_px: float) -> np.ndarray:
     return cv2.GaussianBlur(cv2.erode(mask, kernel), (k, k), 0).astype(np.float32) / 255.0
 
 
-def masked_blur(channel: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of ``channel`` (H x W, or H x W x C for several at once) using only
-    pixels where ``mask`` (0..1) is set: the low-frequency shading of the skin, not of the
-    hair or background around it. Computed at a reduced scale: the result is smooth by
-    construction, so nothing is lost."""
-    h, w = channel.shape[:2]
+def shading_shift(
+    target: np.ndarray, source: np.ndarray, weight: np.ndarray, sigma: float
+) -> np.ndarray:
+    """(H, W, 3) float32: the target's low-frequency colour field minus the source's, each a
+    Gaussian blur at ``sigma`` over the pixels ``weight`` (0..1) marks as skin (the lighting
+    on the skin, not on the hair or background around it). Worked out at a reduced scale: the
+    result is smooth by construction, so nothing is lost; only the difference is scaled up.
+    OpenCV's own arithmetic throughout: numpy's broadcasting cost more than the blur."""
+    h, w = weight.shape
     factor = max(1, int(sigma / 3))
     small = (max(1, w // factor), max(1, h // factor))
-    m = cv2.resize(mask, small, interpolation=cv2.INTER_AREA)
-    weighted = channel * (mask[:, :, None] if channel.ndim == 3 else mask)
-    c = cv2.resize(weighted, small, interpolation=cv2.INTER_AREA)
     s = sigma * small[0] / w
-    norm = np.maximum(cv2.GaussianBlur(m, (0, 0), s), 1e-4)
-    ratio = cv2.GaussianBlur(c, (0, 0), s) / (norm[:, :, None] if c.ndim == 3 else norm)
-    return cv2.resize(ratio, (w, h), interpolation=cv2.INTER_LINEAR)
+    weight3 = cv2.merge([weight, weight, weight])
+    norm = cv2.GaussianBlur(cv2.resize(weight, small, interpolation=cv2.INTER_AREA), (0, 0), s)
+    norm = cv2.merge([np.maximum(norm, 1e-4)] * 3)
+    fields = [
+        cv2.divide(
+            cv2.GaussianBlur(
+                cv2.resize(cv2.multiply(image, weight3), small, interpolation=cv2.INTER_AREA),
+                (0, 0),
+                s,
+            ),
+            norm,
+        )
+        for image in (target, source)
+    ]
+    return cv2.resize(cv2.subtract(fields[0], fields[1]), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def soft_mask(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian blur of a 0..1 mask, worked out at a quarter of the size when it is wide
+    (a soft mask has no detail to lose)."""
+    h, w = mask.shape
+    factor = 4 if sigma >= 4 else 1
+    if factor == 1:
+        return cv2.GaussianBlur(mask, (0, 0), max(sigma, 0.5))
+    small = cv2.resize(
+        mask, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA
+    )
+    return cv2.resize(
+        cv2.GaussianBlur(small, (0, 0), sigma / factor), (w, h), interpolation=cv2.INTER_LINEAR
+    )
 
 
 # 8-bit LAB lightness past which a recoloured pixel is compressed instead of clipped
@@ -77,9 +104,10 @@ def soft_highlights(lightness: np.ndarray, knee: float = HIGHLIGHT_KNEE) -> np.n
     """8-bit LAB L compressed above ``knee`` so that it approaches 255 without reaching it:
     a skin gain that lifts a dark face onto a light one would otherwise clip the sclera and
     teeth to flat white, a bright ring around every kept eye."""
-    room = 255.0 - knee
-    over = np.maximum(lightness - knee, 0.0)
-    return np.where(over > 0, knee + room * over / (over + room), lightness)
+    room = np.float32(255.0 - knee)
+    over = np.maximum(lightness - np.float32(knee), np.float32(0.0))
+    # over = 0 leaves a pixel as it was; the slope is 1 at the knee, so no visible kink
+    return lightness - over + room * over / (over + room)
 
 
 def transfer_colour(
@@ -88,15 +116,16 @@ def transfer_colour(
     skin: np.ndarray,
     shading_sigma: float = 0.0,
     settle_stats: Callable[[np.ndarray], np.ndarray] | None = None,
-    own_hue: np.ndarray | None = None,
+    features: np.ndarray | None = None,
 ) -> np.ndarray:
     """Recolour ``source`` (BGR uint8) to ``target``'s skin: LAB mean and spread matched on
     the skin mask, then, if ``shading_sigma`` > 0, a smooth local field at that scale: the
     target's low-frequency lighting carried over on L, so directional light falls on the new
     face as it did on the old one, and its local colour casts on the skin's a and b.
 
-    ``own_hue`` (0..1): where the source keeps its own a and b (the eyes' whites, the teeth):
-    the skin's colour cast would tint them.
+    ``features`` (0..1): where the source keeps its own contrast and hue, shifted only by the
+    skin's mean lightness (the eyes: the skin's spread gain would blacken an iris, and its
+    colour cast tint the white).
 
     ``settle_stats`` (video) maps this frame's statistics, ``[mean_s, sd_s, mean_t, sd_t]``
     (12 values), to the ones to use: a per-face temporal filter, so the colour does not
@@ -116,22 +145,38 @@ def transfer_colour(
     gain = np.clip(sd_t / np.maximum(sd_s, 1e-3), 0.75, 1.33)
     offset = mu_t - mu_s * gain
     src_f = src.astype(np.float32)
-    out = src_f * gain.astype(np.float32) + offset.astype(np.float32)
+    out = cv2.transform(src_f, np.hstack([np.diag(gain), offset[:, None]]).astype(np.float32))
+    if features is not None:
+        _keep_features(out, src_f, features, float(mu_t[0] - mu_s[0]))
     if shading_sigma > 0:
         weight = skin.astype(np.float32)
         # where the colour shift lands: lighting (L) everywhere, colour casts (a, b) only on
         # the skin it was measured on, so a beard, the sclera or teeth keep their own hue
-        on_skin = cv2.GaussianBlur(weight, (0, 0), max(1.0, shading_sigma / 8))
-        shift = masked_blur(tgt.astype(np.float32), weight, shading_sigma) - masked_blur(
-            out, weight, shading_sigma
+        on_skin = soft_mask(weight, max(1.0, shading_sigma / 8))
+        shift_l, shift_a, shift_b = cv2.split(
+            shading_shift(tgt.astype(np.float32), out, weight, shading_sigma)
         )
-        out[:, :, 0] += shift[:, :, 0]
-        out[:, :, 1:] += shift[:, :, 1:] * on_skin[:, :, None]
-    if own_hue is not None:
-        keep = own_hue.astype(np.float32)[:, :, None]
-        out[:, :, 1:] += (src_f[:, :, 1:] - out[:, :, 1:]) * keep
+        out = cv2.add(
+            out,
+            cv2.merge([shift_l, cv2.multiply(shift_a, on_skin), cv2.multiply(shift_b, on_skin)]),
+        )
     out[:, :, 0] = soft_highlights(out[:, :, 0])
-    return cv2.cvtColor(np.clip(out + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
+    # rounded and saturated to 8 bits by OpenCV (after the floor at 0: it takes |x|)
+    return cv2.cvtColor(cv2.convertScaleAbs(np.maximum(out, 0.0)), cv2.COLOR_LAB2BGR)
+
+
+def _keep_features(
+    out: np.ndarray, source: np.ndarray, features: np.ndarray, lightness_shift: float
+) -> None:
+    """In place: where ``features`` is set, ``out`` (LAB) becomes ``source`` moved by the skin's
+    mean lightness shift alone. Worked on the features' box only: they are small."""
+    x, y, w, h = cv2.boundingRect((features > 0).astype(np.uint8))
+    if w == 0 or h == 0:
+        return
+    box = (slice(y, y + h), slice(x, x + w))
+    keep = features[box].astype(np.float32)[:, :, None]
+    own = source[box] + np.array([lightness_shift, 0.0, 0.0], np.float32)
+    out[box] += (own - out[box]) * keep
 
 
 def alpha_blend(face: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> np.ndarray:

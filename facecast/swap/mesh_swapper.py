@@ -12,19 +12,24 @@ Per target face (every frame):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from facecast.errors import ModelError
 from facecast.faces.face import Face
+from facecast.faces.iris import GazeReader, gaze_in_eyes, irises_at
 from facecast.faces.landmarks import Roi, roi_from_mesh
 from facecast.faces.topology import MeshTopology, mesh_topology
 from facecast.swap import blend
-from facecast.swap.shape import transfer_shape
+from facecast.swap.shape import eye_opening, transfer_shape
 from facecast.swap.warp import rasterise_ids, remap, sample_maps, triangle_affines
 from facecast.timing import StageClock
+
+log = logging.getLogger(__name__)
 
 TEXTURE_SIZE = 320
 # Cheek and forehead vertices: where skin colour is sampled (rarely covered by hair or beard).
@@ -39,6 +44,9 @@ TARGET_OCCLUDER_DISTANCE = 5.0
 # 1.9-2.9x the skin's texture, a jacket held over a cheek 0.6x.
 OCCLUDER_SMOOTH, OCCLUDER_TEXTURED = 1.0, 1.6
 OCCLUDER_FACE_PX = 112  # face width the occluder mask is worked out at
+# A source eye opened less than SQUINT_RATIO times as wide as the target's (each relative to
+# its width) gives way to the target's eye opening, fully at CLOSED_RATIO.
+SQUINT_RATIO, CLOSED_RATIO = 0.6, 0.45
 # The pasted face fades out over this fraction of its width at its outline.
 OVAL_FEATHER = 0.045
 # The band along the face's outline, as a fraction of its width, where only the source's skin
@@ -56,13 +64,19 @@ class SourceFace:
     points: np.ndarray  # (468, 2) mesh points in the texture
     mesh: np.ndarray  # (468, 3) mesh as detected, for the shape transfer
     embedding: np.ndarray | None = None
+    # (2, 2) iris centres in the texture (subject's right eye, then left); None: not read
+    irises: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class SwapOptions:
     blend: blend.BlendMode = "feather"
     keep_mouth: bool = True  # the target's mouth opening (teeth, tongue) stays
-    keep_eyes: bool = True  # the target's eyes (gaze, blinks) stay
+    # the target's whole eye openings stay; off (the default), the source's eyes and lids
+    # are pasted, their irises moved to where the target looks (see follow_gaze)
+    keep_eyes: bool = False
+    source_eye_shape: bool = True  # the eyes' outlines: the source's, opened like the target's
+    follow_gaze: bool = True  # the source's irises go where the target's are (iris model)
     shape_strength: float = 1.0  # 0: target outline, 1: source outline
     shading: float = 0.2  # low-frequency lighting carry, sigma as a fraction of face width
     keep_occluders: bool = True  # what covers the target's face (hand, mic) stays in front
@@ -76,10 +90,10 @@ LEFT_EYE_CORNERS = (362, 263)
 
 
 def opening_triangles(loop_points: np.ndarray, corners: tuple[int, int]) -> np.ndarray:
-    """A strip of triangles across an opening the mesh leaves as a hole (the mouth, each eye),
-    so what is inside it is warped with the face: without them, the source's eyes and mouth
-    were sampled off its texture's edge (a flat fill) and the target's stayed where they
-    were, not where the new geometry puts them."""
+    """A strip of triangles across an opening the mesh leaves as a hole (the mouth), so what
+    is inside it is warped with the face: without them, the source's mouth is sampled off its
+    texture's edge (a flat fill) and the target's stays where it was, not where the new
+    geometry puts it."""
     loop = [int(i) for i in loop_points]
     a, b = loop.index(corners[0]), loop.index(corners[1])
     rolled = loop[a:] + loop[:a]
@@ -92,6 +106,30 @@ def opening_triangles(loop_points: np.ndarray, corners: tuple[int, int]) -> np.n
     for k in range(len(upper) - 1):
         tris += [(upper[k], upper[k + 1], lower[k]), (upper[k + 1], lower[k + 1], lower[k])]
     return np.array(tris, dtype=np.int32)
+
+
+def fan_triangles(loop_points: np.ndarray, centre: int) -> np.ndarray:
+    """Triangles from each edge of an opening's outline to one point inside it (an eye, fanned
+    around its iris centre): moving that point moves the iris, and the eye's white stretches
+    around it, so the source's eye can look where the target's looks."""
+    loop = [int(i) for i in loop_points]
+    return np.array(
+        [(loop[k], loop[(k + 1) % len(loop)], centre) for k in range(len(loop))], dtype=np.int32
+    )
+
+
+def inside_opening(point: np.ndarray, outline: np.ndarray) -> np.ndarray:
+    """``point`` if it lies inside ``outline`` with a little room, else moved towards the
+    outline's centroid until it does: an iris read on a closed or half-closed eye must not
+    fold the eye's triangles over."""
+    centroid = outline.mean(0)
+    contour = outline.astype(np.float32).reshape(-1, 1, 2)
+    margin = 0.05 * float(np.ptp(outline[:, 0]))
+    for t in (1.0, 0.75, 0.5, 0.25):
+        candidate = centroid + t * (point - centroid)
+        if cv2.pointPolygonTest(contour, candidate.astype(np.float32).tolist(), True) > margin:
+            return candidate
+    return centroid
 
 
 def ring_triangles(oval: np.ndarray, first_border: int) -> np.ndarray:
@@ -108,17 +146,22 @@ def ring_triangles(oval: np.ndarray, first_border: int) -> np.ndarray:
 class MeshSwapper:
     def __init__(self, options: SwapOptions | None = None) -> None:
         self.options = options or SwapOptions()
+        self._iris_warned = False
+        self._gaze = GazeReader()
         self.topology: MeshTopology = mesh_topology()
         n_points = 468
-        self.ring = ring_triangles(self.topology.face_oval, n_points)
         # mesh first (ids < len(face_triangles) index the source texture), ring last
         topo = self.topology
+        # vertices: the 468 mesh points, one centre per eye (its iris), then the border
+        self.eye_centres = (n_points, n_points + 1)
+        self.n_face_points = n_points + 2
+        self.ring = ring_triangles(topo.face_oval, self.n_face_points)
         self.face_triangles = np.vstack(
             [
                 topo.triangles,
                 opening_triangles(topo.inner_lips, INNER_MOUTH_CORNERS),
-                opening_triangles(topo.right_eye, RIGHT_EYE_CORNERS),
-                opening_triangles(topo.left_eye, LEFT_EYE_CORNERS),
+                fan_triangles(topo.right_eye, self.eye_centres[0]),
+                fan_triangles(topo.left_eye, self.eye_centres[1]),
             ]
         )
         self.all_triangles = np.vstack([self.face_triangles, self.ring])
@@ -139,11 +182,60 @@ class MeshSwapper:
             borderMode=cv2.BORDER_REPLICATE,
         )
         points = (face.mesh[:, :2] @ to_texture[:, :2].T + to_texture[:, 2]).astype(np.float32)
+        irises = self.read_irises(image, face.mesh)
+        if irises is not None:
+            irises = irises @ to_texture[:, :2].T + to_texture[:, 2]
         # No occluder mask on the source: its beard, moustache, brows and shadows are its
         # identity. Dropping them by colour let the target show through exactly there. Its
         # bare skin is still found: colour is matched on skin that is bare in both faces.
         skin = (self.skin_mask(texture, points) * 255 + 0.5).astype(np.uint8)
-        return SourceFace(np.dstack([texture, skin]), points, face.mesh.copy(), embedding)
+        return SourceFace(np.dstack([texture, skin]), points, face.mesh.copy(), embedding, irises)
+
+    def read_irises(
+        self, image: np.ndarray, mesh: np.ndarray, track_id: int | None = None
+    ) -> np.ndarray | None:
+        """Iris centres (2, 2) when eyes are pasted and should follow the gaze, else None."""
+        if self.options.keep_eyes or not self.options.follow_gaze:
+            return None
+        try:
+            return self._gaze.irises(image, mesh, track_id)
+        except ModelError as error:  # an install without the iris model: eyes keep their gaze
+            if not self._iris_warned:
+                log.warning("eyes will not follow the target's gaze: %s", error)
+                self._iris_warned = True
+            return None
+
+    def kept_eyes(self, target: np.ndarray, source: np.ndarray) -> tuple[float, float]:
+        """Per eye, 0..1: how much of the target's eye opening stays. All of it with
+        ``keep_eyes``; otherwise only where the source's eye is much less open than the
+        target's (a squint or a blink in the source photo): stretched that far, its lids and
+        the glint on its iris smear across the target's open eye."""
+        if self.options.keep_eyes:
+            return 1.0, 1.0
+        topo = self.topology
+        kept = []
+        for eye, corners in (
+            (topo.right_eye, RIGHT_EYE_CORNERS),
+            (topo.left_eye, LEFT_EYE_CORNERS),
+        ):
+            ratio = eye_opening(source[:, :2], eye, corners) / max(
+                eye_opening(target[:, :2], eye, corners), 1e-6
+            )
+            kept.append(
+                float(blend.ramp(np.float64(SQUINT_RATIO - ratio), SQUINT_RATIO - CLOSED_RATIO))
+            )
+        return kept[0], kept[1]
+
+    def eye_centres_for(self, points: np.ndarray, irises: np.ndarray | None) -> np.ndarray:
+        """(2, 2) the fan centre of each eye: its iris, kept inside the opening, or the
+        opening's centroid when no iris was read."""
+        topo = self.topology
+        centres = []
+        for k, loop in enumerate((topo.right_eye, topo.left_eye)):
+            outline = points[loop, :2].astype(np.float64)
+            point = outline.mean(0) if irises is None else irises[k]
+            centres.append(inside_opening(np.asarray(point, np.float64), outline))
+        return np.array(centres)
 
     def feature_polygons(self, points: np.ndarray) -> list[np.ndarray]:
         """Lips, eyes and brows: not skin-coloured, yet part of the face."""
@@ -239,12 +331,29 @@ class MeshSwapper:
             return False
         with clock.stage("swap"):
             tgt = target.mesh[:, :2].astype(np.float64)
-            new = transfer_shape(target.mesh, source.mesh, topo, opts.shape_strength)
+            new = transfer_shape(
+                target.mesh, source.mesh, topo, opts.shape_strength, opts.source_eye_shape
+            )
             oval_t = tgt[topo.face_oval]
             centre = oval_t.mean(0)
             border = centre + RING_SCALE * (oval_t - centre)
-            geometry = np.vstack([new, border])  # where things go
-            from_target = np.vstack([tgt, border])  # where the target's pixels come from
+            # the eyes' fan centres: the target's irises, carried into the new eyes at the
+            # same place relative to their corners (the gaze), so the source's iris moves there
+            target_irises = (
+                self.read_irises(frame, target.mesh, target.track_id)
+                if source.irises is not None
+                else None
+            )
+            target_eyes = self.eye_centres_for(tgt, target_irises)
+            new_eyes = self.eye_centres_for(
+                new,
+                None if target_irises is None else irises_at(new, gaze_in_eyes(tgt, target_eyes)),
+            )
+            source_eyes = self.eye_centres_for(source.points, source.irises)
+            geometry = np.vstack([new, new_eyes, border])  # where things go
+            from_target = np.vstack(
+                [tgt, target_eyes, border]
+            )  # where the target's pixels come from
 
             h, w = frame.shape[:2]
             x0, y0 = np.floor(geometry.min(0)).astype(int)
@@ -257,7 +366,9 @@ class MeshSwapper:
             shape = (y1 - y0, x1 - x0)
 
             # far triangles first: where a turned face folds over itself the near side wins
-            depth = target.mesh[self.face_triangles, 2].mean(1)
+            z = target.mesh[:, 2]
+            z_eyes = [z[topo.right_eye].mean(), z[topo.left_eye].mean()]
+            depth = np.concatenate([z, z_eyes])[self.face_triangles].mean(1)
             n_mesh = len(self.face_triangles)
             order = np.concatenate([np.arange(n_mesh, len(self.all_triangles)), np.argsort(-depth)])
             ids = rasterise_ids(local, self.all_triangles, shape, order)
@@ -266,8 +377,10 @@ class MeshSwapper:
                 ids, triangle_affines(local, from_target, self.all_triangles), origin=(x0, y0)
             )
             background = remap(frame, target_maps)
+            source_points = np.vstack([source.points, source_eyes])
             source_maps = sample_maps(
-                ids, triangle_affines(local[:468], source.points, self.face_triangles)
+                ids,
+                triangle_affines(local[: self.n_face_points], source_points, self.face_triangles),
             )
             warped = remap(source.texture, source_maps)
             face_px = np.ascontiguousarray(warped[:, :, :3])
@@ -276,20 +389,19 @@ class MeshSwapper:
         with clock.stage("blend"):
             face_width = float(np.ptp(local[topo.face_oval, 0]))
             oval = blend.polygon_mask(shape, [local[topo.face_oval]])
-            keep = [
-                local[p]
-                for p, on in (
-                    (topo.inner_lips, opts.keep_mouth),
-                    (topo.right_eye, opts.keep_eyes),
-                    (topo.left_eye, opts.keep_eyes),
-                )
-                if on
+            # what stays of the target inside the face: its mouth opening, and each eye the
+            # source's cannot stand in for (see kept_eyes)
+            eye_keep = self.kept_eyes(target.mesh, source.mesh)
+            held = np.zeros(shape, np.uint8)
+            if opts.keep_mouth:
+                held = blend.polygon_mask(shape, [local[topo.inner_lips]])
+            eye_masks = [
+                blend.polygon_mask(shape, [local[e]]) for e in (topo.right_eye, topo.left_eye)
             ]
-            holes = (
-                blend.soft_holes(blend.polygon_mask(shape, keep), 0.012 * face_width)
-                if keep
-                else np.zeros(shape, np.float32)
-            )
+            for mask, weight in zip(eye_masks, eye_keep, strict=True):
+                if weight > 0:
+                    held = np.maximum(held, (mask * weight).astype(np.uint8))
+            holes = blend.soft_holes(held, 0.012 * face_width)
             # The source is pasted whole inside; near its outline only where it shows skin:
             # there the mesh can overlap the source photo's background, or the far side of a
             # turned target reaches the source's edge (a curtain, a collar, a tie).
@@ -306,12 +418,21 @@ class MeshSwapper:
             # skin bare in both faces: the source's beard or brows must not read as a
             # shadow to be lifted, nor the target's as one to be cast
             skin = edge * (not_skin < 128) * source_skin
+            # the pasted eyes keep their own contrast and hue (see transfer_colour)
+            pasted_eyes = [
+                m if k == 0 else (m * (1.0 - k)).astype(np.uint8)
+                for m, k in zip(eye_masks, eye_keep, strict=True)
+            ]
+            eyes = blend.soft_mask(
+                cv2.max(*pasted_eyes).astype(np.float32) * np.float32(1 / 255), 0.005 * face_width
+            )
             coloured = blend.transfer_colour(
                 face_px,
                 background,
                 skin,
                 shading_sigma=opts.shading * face_width,
                 settle_stats=settle_colour,
+                features=eyes,
             )
             if opts.blend == "poisson":
                 out = blend.poisson_blend(coloured, background, alpha)
@@ -322,10 +443,12 @@ class MeshSwapper:
                 # not drag a hand or a microphone along with it
                 original = frame[y0:y1, x0:x1]
                 target_local = tgt - origin
-                inside = blend.feathered(
-                    blend.polygon_mask(shape, [target_local[topo.face_oval]]), 0.03 * face_width
-                )
                 occluder = self.occluder_mask(original, target_local)
-                out = blend.alpha_blend(original, out, occluder * inside)
+                if occluder.max() > 0:  # most frames have none: skip the feather and blend
+                    inside = blend.feathered(
+                        blend.polygon_mask(shape, [target_local[topo.face_oval]]),
+                        0.03 * face_width,
+                    )
+                    out = blend.alpha_blend(original, out, occluder * inside)
             frame[y0:y1, x0:x1] = out
         return True

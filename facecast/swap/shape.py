@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from facecast.faces.expression import LEFT_CORNERS, RIGHT_CORNERS
 from facecast.faces.topology import MeshTopology
 
 # Mesh vertices that expression barely moves: eye corners, nose bridge and tip, forehead,
@@ -16,6 +17,7 @@ from facecast.faces.topology import MeshTopology
 RIGID_POINTS = np.array(
     [33, 133, 362, 263, 6, 168, 197, 195, 5, 4, 1, 10, 151, 9, 127, 356, 234, 454, 116, 345]
 )
+EYE_CORNERS = (RIGHT_CORNERS, LEFT_CORNERS)
 UPPER_INNER_LIP, LOWER_INNER_LIP, CHIN, FOREHEAD = 13, 14, 152, 10
 
 
@@ -43,8 +45,42 @@ def _falloff(points: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarra
     return np.exp(-d2 / (2 * radius**2))
 
 
+def _across(eye: np.ndarray, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each eye point's offset across the eye (from the corners' line), the unit normal and
+    the eye's width."""
+    along = corners[1] - corners[0]
+    width = max(float(np.linalg.norm(along)), 1e-9)
+    normal = np.array([-along[1], along[0]]) / width
+    return (eye - corners.mean(0)) @ normal, normal, width
+
+
+def eye_opening(points: np.ndarray, eye: np.ndarray, corners: tuple[int, int]) -> float:
+    """How open an eye is: its outline's extent across the eye over its width."""
+    offsets, _, width = _across(points[eye, :2], points[list(corners), :2])
+    return float(np.ptp(offsets)) / width
+
+
+def eye_with_opening(
+    source_eye: np.ndarray,
+    target_eye: np.ndarray,
+    source_corners: np.ndarray,
+    target_corners: np.ndarray,
+) -> np.ndarray:
+    """The source's eye outline (posed on the target) opened exactly as far as the target's:
+    the source's eye shape (corners, lid curves), the target's blink or wide eyes. (Matching
+    the opening relative to each eye's width instead did no better on either judge.)"""
+    s_off, normal, _ = _across(source_eye, source_corners)
+    t_off, _, _ = _across(target_eye, target_corners)
+    scale = float(np.ptp(t_off)) / max(float(np.ptp(s_off)), 1e-6)
+    return source_eye + np.outer(s_off * (scale - 1.0), normal)
+
+
 def transfer_shape(
-    target: np.ndarray, source: np.ndarray, topology: MeshTopology, strength: float = 1.0
+    target: np.ndarray,
+    source: np.ndarray,
+    topology: MeshTopology,
+    strength: float = 1.0,
+    source_eyes: bool = False,
 ) -> np.ndarray:
     """New 2-D positions (N, 2) for the target mesh: source proportions, target expression."""
     posed = fit_source_to_target(source, target)[:, :2]
@@ -62,10 +98,23 @@ def transfer_shape(
     opening_src = posed[LOWER_INNER_LIP] - posed[UPPER_INNER_LIP]
     delta += below[:, None] * (opening_tgt - opening_src)
 
-    # Mouth and eyes: keep the target's shape, moved as a whole to the source's position.
-    # The move blends smoothly into the surrounding skin's displacement.
+    # Mouth (and, unless the eyes take the source's shape, eyes): keep the target's shape,
+    # moved as a whole to the source's position, blending smoothly into the surrounding
+    # skin's displacement.
     face_size = float(np.linalg.norm(tgt[FOREHEAD] - tgt[CHIN]))
-    for region in (topology.lips_points, topology.right_eye, topology.left_eye):
+    regions = [topology.lips_points]
+    if source_eyes:
+        for eye, corners in (
+            (topology.right_eye, EYE_CORNERS[0]),
+            (topology.left_eye, EYE_CORNERS[1]),
+        ):
+            delta[eye] = (
+                eye_with_opening(posed[eye], tgt[eye], posed[list(corners)], tgt[list(corners)])
+                - tgt[eye]
+            )
+    else:
+        regions += [topology.right_eye, topology.left_eye]
+    for region in regions:
         centre = tgt[region].mean(0)
         shift = delta[region].mean(0)
         radius = 0.6 * float(np.ptp(tgt[region], axis=0).max()) + 0.02 * face_size
