@@ -277,3 +277,26 @@ def test_eye_outline_is_the_sources_opened_like_the_targets(analyser):
     assert lid_gap(moved, source[corners]) == pytest.approx(lid_gap(target[eye], target[corners]))
     corner_rows = [list(eye).index(c) for c in corners]
     np.testing.assert_allclose(moved[corner_rows], source[corners], atol=1e-6)
+
+
+def test_a_source_beard_reaches_the_jaw_line(analyser):
+    """Near its outline the source is pasted only where it shows skin (its collar or the
+    photo's background may lie there), and hair from the nose down: Dorsey's beard must cover
+    Musk's jaw to the outline, not stop a band short of it with Musk's bare chin below."""
+    swapper = MeshSwapper()
+    source, target = load("people/dorsey1.jpg"), load("people/musk1.jpg")
+    source_face, target_face = analyser.analyse(source)[0], analyser.analyse(target)[0]
+    out = target.copy()
+    assert swapper.swap(out, target_face, swapper.prepare(source, source_face))
+    new = transfer_shape(target_face.mesh, source_face.mesh, swapper.topology)
+    oval = np.zeros(target.shape[:2], np.uint8)
+    cv2.fillPoly(oval, [new[swapper.topology.face_oval].round().astype(np.int32)], 255)
+    depth = cv2.distanceTransform(oval, cv2.DIST_L2, 3)
+    width = float(np.ptp(new[swapper.topology.face_oval, 0]))
+    ys = np.mgrid[0 : oval.shape[0], 0 : oval.shape[1]][0]
+    # the jaw band: 3-12 % of the face's width inside the outline, below the mouth
+    band = (depth > 0.03 * width) & (depth < 0.12 * width) & (ys > new[14, 1])
+    grey_out = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)[band].mean()
+    grey_target = cv2.cvtColor(target, cv2.COLOR_BGR2GRAY)[band].mean()
+    print(f"jaw band grey: target {grey_target:.0f}, output {grey_out:.0f}")
+    assert grey_out < grey_target - 75  # dark beard to the outline (a band short: ~52 darker)

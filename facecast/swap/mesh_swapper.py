@@ -58,8 +58,9 @@ SOURCE_EDGE = 0.15
 class SourceFace:
     """Everything per-frame work needs from the source photo, computed once."""
 
-    # BGRA uint8, the upright face, pasted whole (beard, brows, shadows); alpha: where the
-    # source shows bare skin, for colour matching only (one remap carries both)
+    # uint8, 5 channels, the upright face pasted whole (beard, brows, shadows): BGR; where
+    # the source shows bare skin (colour is matched there); where it shows skin or hair (a
+    # beard, stubble, the hairline: pasted up to its outline). One remap carries all five.
     texture: np.ndarray
     points: np.ndarray  # (468, 2) mesh points in the texture
     mesh: np.ndarray  # (468, 3) mesh as detected, for the shape transfer
@@ -143,6 +144,22 @@ def ring_triangles(oval: np.ndarray, first_border: int) -> np.ndarray:
     return np.array(tris, dtype=np.int32)
 
 
+NOSE_TIP, UPPER_LIP = 4, 0
+
+
+def below_nose(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """0..1 over an image of the face at ``points``: 0 above the nose tip, rising to 1 at the
+    upper lip, along the face's own down direction (a tilted head tilts it too)."""
+    nose, lip = points[NOSE_TIP].astype(np.float32), points[UPPER_LIP].astype(np.float32)
+    down = lip - nose
+    length2 = float(down @ down)
+    if length2 < 1e-6:
+        return np.ones(shape, np.float32)
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    along = ((xs - nose[0]) * down[0] + (ys - nose[1]) * down[1]) / np.float32(length2)
+    return blend.ramp(along, 1.0)
+
+
 class MeshSwapper:
     def __init__(self, options: SwapOptions | None = None) -> None:
         self.options = options or SwapOptions()
@@ -188,8 +205,26 @@ class MeshSwapper:
         # No occluder mask on the source: its beard, moustache, brows and shadows are its
         # identity. Dropping them by colour let the target show through exactly there. Its
         # bare skin is still found: colour is matched on skin that is bare in both faces.
-        skin = (self.skin_mask(texture, points) * 255 + 0.5).astype(np.uint8)
-        return SourceFace(np.dstack([texture, skin]), points, face.mesh.copy(), embedding, irises)
+        skin = self.skin_mask(texture, points)
+        # hair only from the nose down (a beard, stubble, a moustache): higher up, the hair
+        # at the outline is a temple or sideburn that would end as a dark smudge on a cheek
+        beard = self.hair_mask(texture, points, skin) * below_nose(points, texture.shape[:2])
+        face_like = np.maximum(skin, beard)
+        channels = [texture, *((m * 255 + 0.5).astype(np.uint8) for m in (skin, face_like))]
+        return SourceFace(np.dstack(channels), points, face.mesh.copy(), embedding, irises)
+
+    def hair_mask(self, image: np.ndarray, points: np.ndarray, skin: np.ndarray) -> np.ndarray:
+        """0..1: off-skin and textured like hair (a beard, stubble, a hairline), measured
+        against the texture of the face's own skin. A collar, a shadowed neck or a plain
+        background is smooth and scores 0."""
+        face_width = float(np.ptp(points[self.topology.face_oval, 0]))
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        detail = np.abs(grey - cv2.GaussianBlur(grey, (0, 0), max(1.0, face_width / 200)))
+        texture = cv2.GaussianBlur(detail, (0, 0), max(1.0, face_width / 100))
+        bare = skin > 0.75
+        reference = float(np.median(texture[bare])) if bare.any() else 1.0
+        ratio = texture / max(reference, 0.5)
+        return blend.ramp(ratio - OCCLUDER_SMOOTH, OCCLUDER_TEXTURED - OCCLUDER_SMOOTH) * (1 - skin)
 
     def read_irises(
         self, image: np.ndarray, mesh: np.ndarray, track_id: int | None = None
@@ -385,6 +420,7 @@ class MeshSwapper:
             warped = remap(source.texture, source_maps)
             face_px = np.ascontiguousarray(warped[:, :, :3])
             source_skin = warped[:, :, 3].astype(np.float32) / 255.0
+            source_face_like = warped[:, :, 4].astype(np.float32) / 255.0
 
         with clock.stage("blend"):
             face_width = float(np.ptp(local[topo.face_oval, 0]))
@@ -407,7 +443,7 @@ class MeshSwapper:
             # turned target reaches the source's edge (a curtain, a collar, a tie).
             depth = blend.inside_distance(oval)  # one distance map, every feather from it
             edge = blend.ramp(depth, OVAL_FEATHER * face_width)
-            whole = np.maximum(source_skin, blend.ramp(depth, SOURCE_EDGE * face_width))
+            whole = np.maximum(source_face_like, blend.ramp(depth, SOURCE_EDGE * face_width))
             alpha = edge * (1.0 - holes) * whole
 
             not_skin = cv2.dilate(
