@@ -239,6 +239,14 @@ def sample_colours(lab: np.ndarray, points: np.ndarray, radius: int) -> np.ndarr
     return np.concatenate([p for p, d in zip(patches, spread, strict=True) if d <= limit])
 
 
+def local_texture(grey: np.ndarray, face_width: float) -> np.ndarray:
+    """Fine detail per pixel (its difference from a slightly blurred copy, averaged over a
+    small neighbourhood), scaled to the face: hair and beards are textured at this scale,
+    skin, a microphone or a collar are smooth."""
+    detail = np.abs(grey - cv2.GaussianBlur(grey, (0, 0), max(1.0, face_width / 200)))
+    return cv2.GaussianBlur(detail, (0, 0), max(1.0, face_width / 100))
+
+
 def component_medians(labels: np.ndarray, values: np.ndarray, count: int) -> np.ndarray:
     """The median of ``values`` over each label 1..count-1 of ``labels`` (0 for label 0 and
     where a label has no pixel): one sort of the labelled pixels only, so the cost does not

@@ -219,8 +219,7 @@ class MeshSwapper:
         background is smooth and scores 0."""
         face_width = float(np.ptp(points[self.topology.face_oval, 0]))
         grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
-        detail = np.abs(grey - cv2.GaussianBlur(grey, (0, 0), max(1.0, face_width / 200)))
-        texture = cv2.GaussianBlur(detail, (0, 0), max(1.0, face_width / 100))
+        texture = blend.local_texture(grey, face_width)
         bare = skin > 0.75
         reference = float(np.median(texture[bare])) if bare.any() else 1.0
         ratio = texture / max(reference, 0.5)
@@ -337,8 +336,7 @@ class MeshSwapper:
             return np.zeros(image.shape[:2], np.float32)
         face_width = float(np.ptp(points[self.topology.face_oval, 0]))
         grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
-        detail = np.abs(grey - cv2.GaussianBlur(grey, (0, 0), max(1.0, face_width / 200)))
-        texture = cv2.GaussianBlur(detail, (0, 0), max(1.0, face_width / 100))
+        texture = blend.local_texture(grey, face_width)
         skin = (candidates == 0) & oval  # the face's own bare skin, not the background
         skin_texture = float(np.median(texture[skin])) if skin.any() else 1.0
         ratio = blend.component_medians(labels, texture, count) / max(skin_texture, 0.5)
