@@ -8,8 +8,11 @@ usage errors into that line too).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -227,6 +230,9 @@ def main_options(
 def main() -> None:
     """The ``facecast`` command. Click's usage errors (a missing or unknown option, a bad
     value) become the same one line as facecast's own: ``error: ...``, exit code 2."""
+    # A crash in native code (FFmpeg, the model runtimes) prints every thread's Python
+    # stack, not only an exit status of 139.
+    faulthandler.enable()
     try:
         code = app(standalone_mode=False)
     except click_errors.NoArgsIsHelpError as exc:  # bare `facecast` or `facecast bench`
@@ -237,7 +243,7 @@ def main() -> None:
         message = exc.format_message().rstrip(".")
         console.print(f"[bold red]error:[/] {message} (see {where} --help)", highlight=False)
         sys.exit(2)
-    except click_errors.Abort:  # Ctrl-C while click itself was waiting
+    except typer.Abort:  # EOF while click itself was waiting (Typer 0.2x has no click Abort)
         console.print("[bold red]error:[/] interrupted", highlight=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
@@ -281,9 +287,10 @@ def run_swap(
     """Shared by ``swap`` and ``demo``: one place turns FacecastErrors into exit code 2."""
     from facecast.config import ModelSettings
     from facecast.faces.select import Selection
+    from facecast.live import _stop_on_signals
     from facecast.media.sink import VideoQuality
     from facecast.modelset import ModelChoice
-    from facecast.pipeline import EngineOptions, swap_file
+    from facecast.pipeline import EngineOptions, Stopped, swap_file
     from facecast.swap.mesh_swapper import SwapOptions
 
     try:
@@ -314,13 +321,28 @@ def run_swap(
         elapsed = time.perf_counter() - started[0]
         progress.update(task, completed=done, total=total, fps=done / max(elapsed, 1e-6))
 
-    try:
-        stats = swap_file(source, target, output, options, on_frame, video_quality)
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
-    finally:
+    def stop_bar() -> None:
         if started:  # stopping a bar that never showed would print an empty line
             progress.stop()
+            started.clear()
+
+    stop = threading.Event()
+    try:
+        # SIGINT/SIGTERM end the run between frames, which removes the unfinished output
+        with _stop_on_signals(stop) as received:
+            stats = swap_file(source, target, output, options, on_frame, video_quality, stop)
+    except FacecastError as exc:
+        stop_bar()  # the bar's last state first, then the one line that says why
+        raise fail(str(exc)) from None
+    except Stopped:
+        stop_bar()
+        signum = received[0] if received else signal.SIGTERM
+        name = signal.Signals(signum).name
+        console.print(f"[bold red]error:[/] stopped by {name}; nothing written", highlight=False)
+        # the shell's convention for a command ended by a signal: 128 + its number
+        raise typer.Exit(code=128 + signum) from None
+    finally:
+        stop_bar()
     if chatty():
         console.print(
             f"wrote [bold]{output}[/]: {stats.frames} frame(s), {stats.faces_swapped} face(s) "
@@ -655,6 +677,14 @@ def serve(
             "~/.local/state/facecast; env FACECAST_STATE_DIR].",
         ),
     ] = None,
+    viewer_auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--viewer-auth/--no-viewer-auth",
+            help="Viewers of swapped/KEY and its HLS need the key's play token "
+            "(GET /api/play/KEY) [default: on unless --host is loopback].",
+        ),
+    ] = None,
 ) -> None:
     """Service mode: ingest server, HTTP API and one pipeline per key.
 
@@ -680,6 +710,7 @@ def serve(
             rtmp_port=rtmp_port,
             hls_port=hls_port,
             state_dir=resolve_state_dir(state_dir),
+            viewer_auth=viewer_auth,
         )
         stop = threading.Event()
         with _stop_on_signals(stop):

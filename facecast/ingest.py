@@ -8,6 +8,22 @@ files, HLS fragments), so it needs no system paths and several can run side by s
 
 nginx runs in the foreground (``daemon off``) as our child, in its own process group, so
 ``stop()`` can always take down the master *and* its worker even if the master is killed.
+With ``supervise=True`` a watcher thread notices when nginx dies (a crash, the OOM killer,
+``kill -9``), says so (``problems()``, for readiness), and starts it again with backoff,
+counting the restarts.
+
+Who may do what (the rendered config; see deploy/nginx/nginx.conf.template):
+
+- ``live/KEY`` plays to loopback only; with a ``worker_secret`` (``facecast serve``), only
+  to a reader whose URL carries it (``?facecast=SECRET``): facecast's own.
+- ``swapped/KEY`` takes publishers from loopback only; with a worker secret, only the one
+  that carries it: facecast's own output.
+- With a ``play_secret`` (viewer auth), viewers need the key's play token: HLS at
+  ``/hls/TOKEN/KEY.m3u8``, RTMP at ``swapped/KEY?token=TOKEN``.
+- ``/stat`` answers loopback only.
+
+nginx checks the secrets and tokens itself (``on_play``/``on_publish`` pointed at its own
+HTTP server, ``secure_link``): no check waits on facecast, whose RTMP connects hold the GIL.
 
 Command line (used by ``scripts/ingest``)::
 
@@ -17,21 +33,30 @@ Command line (used by ``scripts/ingest``)::
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from facecast.errors import FacecastError
+from facecast.media.backoff import Backoff
+
+log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf.template"
 # Where Debian's libnginx-mod-rtmp installs the module (nginx -V: --modules-path).
@@ -39,6 +64,9 @@ DEBIAN_MODULES_DIR = Path("/usr/lib/nginx/modules")
 RTMP_MODULE_NAME = "ngx_rtmp_module.so"
 FIX = "install it with scripts/setup (Debian packages nginx and libnginx-mod-rtmp)"
 HOST = "127.0.0.1"
+# How often the supervisor looks at nginx, and its restart pacing (seconds).
+WATCH_INTERVAL = 0.2
+RESTART_BACKOFF = (0.5, 10.0)
 
 
 class IngestError(FacecastError):
@@ -104,6 +132,16 @@ def _port_bindable(port: int) -> bool:
     return True
 
 
+def play_token(key: str, secret: str) -> str:
+    """The token that lets a viewer watch ``key``: what nginx's ``secure_link_md5 "$key
+    SECRET"`` expects, base64url of the MD5 without padding. One token per key: it opens
+    that key's HLS and RTMP output and no other key's."""
+    # MD5 because secure_link_md5 is what nginx has; the secret is 256 random bits, and
+    # it comes last, so MD5's length extension cannot forge another key's token.
+    digest = hashlib.md5(f"{key} {secret}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -118,6 +156,14 @@ class IngestServer:
     that stop() removes; a given prefix is kept (its logs help when a test fails).
     ``nginx``, ``rtmp_module`` and ``template`` exist so tests (and odd installs) can point
     at other files.
+
+    ``on_publish_url``: asked about every publish on ``live`` (form field ``call``:
+    ``publish``), and told when it ends (``publish_done``). POSTed, or with a
+    ``worker_secret`` sent as GET arguments (nginx-rtmp has one method per application).
+    ``worker_secret``: only URLs with ``?facecast=SECRET`` play ``live`` and publish
+    ``swapped``. ``play_secret``: viewer auth on; tokens are ``play_token(key, secret)``.
+    ``supervise``: restart nginx when it dies; ``on_exit(reason)`` is called (from the
+    watcher thread) each time it is found dead, before it is started again.
     """
 
     def __init__(
@@ -128,6 +174,10 @@ class IngestServer:
         on_publish_url: str | None = None,
         *,
         listen: str = HOST,
+        worker_secret: str | None = None,
+        play_secret: str | None = None,
+        supervise: bool = False,
+        on_exit: Callable[[str], None] | None = None,
         nginx: str = "nginx",
         rtmp_module: Path | None = None,
         template: Path = TEMPLATE,
@@ -135,13 +185,28 @@ class IngestServer:
         self.rtmp_port = rtmp_port
         self.http_port = http_port
         self.on_publish_url = on_publish_url
+        self.worker_secret = worker_secret
+        self.play_secret = play_secret
         self.listen = listen  # clients on this machine still use 127.0.0.1 (rtmp_url)
         self.nginx = nginx
         self.rtmp_module = rtmp_module
         self.template = template
+        self.supervise = supervise
+        self.on_exit = on_exit
         self._given_prefix = Path(prefix) if prefix is not None else None
         self._prefix: Path | None = self._given_prefix
         self._proc: subprocess.Popen[bytes] | None = None
+        # A check that is off keeps its location in the config, with a secret nobody is
+        # given, so nothing passes it.
+        self._unused_secret = secrets.token_urlsafe(32)
+        # start/stop/restart/reload and the supervisor's restarts, one at a time: the
+        # supervisor must not take a deliberate restart's gap for a death.
+        self._lock = threading.RLock()
+        self._wanted = False  # between start() and stop(): nginx should be running
+        self._halt = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.restarts = 0  # times the supervisor started nginx again after it died
+        self.down_reason: str | None = None  # why it is down, while the supervisor retries
 
     # ------------------------------------------------------------------ properties
 
@@ -173,9 +238,31 @@ class IngestServer:
         """``rtmp://127.0.0.1:PORT/APP/KEY``; app is ``live`` (publishers) or ``swapped``."""
         return f"rtmp://{HOST}:{self.rtmp_port}/{app}/{key}"
 
-    def hls_url(self, key: str) -> str:
-        """The HLS playlist of ``swapped/KEY``."""
-        return f"http://{HOST}:{self.http_port}/hls/{key}.m3u8"
+    def hls_url(self, key: str, host: str = HOST) -> str:
+        """The HLS playlist of ``swapped/KEY`` (with viewer auth: its signed path)."""
+        if self.play_secret:
+            return f"http://{host}:{self.http_port}/hls/{self.play_token(key)}/{key}.m3u8"
+        return f"http://{host}:{self.http_port}/hls/{key}.m3u8"
+
+    def play_token(self, key: str) -> str:
+        """The viewer token of ``key``; raises IngestError when viewer auth is off."""
+        if not self.play_secret:
+            raise IngestError("viewer auth is off: there are no play tokens")
+        return play_token(key, self.play_secret)
+
+    def worker_url(self, app: str, key: str) -> str:
+        """``rtmp_url`` with the worker secret: what facecast's own reader plays (live) and
+        its own output publishes (swapped)."""
+        url = self.rtmp_url(app, key)
+        return f"{url}?facecast={self.worker_secret}" if self.worker_secret else url
+
+    def play_urls(self, key: str, host: str = HOST) -> dict[str, str]:
+        """Where a viewer watches ``swapped/KEY``: ``rtmp`` and ``hls``, signed with the
+        key's play token when viewer auth is on."""
+        rtmp = f"rtmp://{host}:{self.rtmp_port}/swapped/{key}"
+        if self.play_secret:
+            rtmp += f"?token={self.play_token(key)}"
+        return {"rtmp": rtmp, "hls": self.hls_url(key, host)}
 
     @property
     def stat_url(self) -> str:
@@ -192,9 +279,25 @@ class IngestServer:
         if self.on_publish_url:
             # One URL for both: nginx-rtmp says which in the form field "call"
             # (publish / publish_done), so a key's pipeline can start and stop with it.
-            on_publish = f"on_publish {self.on_publish_url}; on_publish_done {self.on_publish_url};"
+            url = self.on_publish_url
+            on_publish = f"on_publish {url}; on_publish_done {url};"
         else:
             on_publish = "# on_publish http://127.0.0.1:PORT/PATH;  (off)"
+        checks = f"http://{HOST}:{self.http_port}/_facecast"
+        live_auth, swapped_auth = ["# worker secret off"], ["# worker secret off"]
+        if self.worker_secret:
+            live_auth = ["notify_method get;", f"on_play {checks}/worker;"]
+            swapped_auth = ["notify_method get;", f"on_publish {checks}/worker;"]
+        if self.play_secret:
+            swapped_auth += [
+                "# viewer auth" if self.worker_secret else "notify_method get;",
+                f"on_play {checks}/viewer;",
+            ]
+            hls_open = "return 403;  # viewer auth: only /hls/TOKEN/... serves"
+        else:
+            swapped_auth.append("# viewer auth off: anyone who reaches the port may watch")
+            hls_open = "# viewer auth off: open"
+        indent = "\n" + " " * 12
         # As root, nginx would run its worker as "nobody", which cannot write HLS files under
         # a prefix private to root (pytest's tmp_path is 0700). This is a loopback-only server.
         user = "user root;" if os.geteuid() == 0 else "# user: unchanged (not started as root)"
@@ -205,6 +308,11 @@ class IngestServer:
             "RTMP_PORT": str(self.rtmp_port),
             "HTTP_PORT": str(self.http_port),
             "ON_PUBLISH": on_publish,
+            "LIVE_AUTH": indent.join(live_auth),
+            "SWAPPED_AUTH": indent.join(swapped_auth),
+            "HLS_OPEN": hls_open,
+            "WORKER_SECRET": self.worker_secret or self._unused_secret,
+            "PLAY_SECRET": self.play_secret or self._unused_secret,
             "LISTEN": self.listen,
         }
         text = self.template.read_text()
@@ -218,7 +326,15 @@ class IngestServer:
     def _write_config(self) -> None:
         for sub in ("logs", "temp", "hls"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
-        self.conf_path.write_text(self.render())
+        # The config holds the hook URL's secret and the play secret, and the error log
+        # records each play's and publish's arguments (facecast's per-run secret among
+        # them): both for this user only, whatever the umask.
+        (self.prefix / "logs").chmod(0o700)
+        text = self.render()
+        fd = os.open(self.conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        with os.fdopen(fd, "w") as conf:
+            conf.write(text)
 
     def _check_install(self) -> str:
         """The nginx binary's path; raises IngestError naming the fix if anything is missing."""
@@ -236,9 +352,23 @@ class IngestServer:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10) -> IngestServer:
-        """Render the config, start nginx and wait until the RTMP and HTTP ports accept."""
+        """Render the config, start nginx and wait until the RTMP and HTTP ports accept.
+        With ``supervise``, the watcher starts too."""
+        with self._lock:
+            self._start(timeout)
+            self._wanted = True
+            self.down_reason = None
+            self._halt.clear()
+            if self.supervise and (self._watcher is None or not self._watcher.is_alive()):
+                self._watcher = threading.Thread(
+                    target=self._watch, name="ingest-supervisor", daemon=True
+                )
+                self._watcher.start()
+        return self
+
+    def _start(self, timeout: float = 10) -> None:
         if self.is_running:
-            return self
+            return
         binary = self._check_install()
         for port in (self.rtmp_port, self.http_port):
             # Checked first: else our readiness probe could talk to whoever holds the port.
@@ -262,7 +392,7 @@ class IngestServer:
                 self._proc = None
                 raise IngestError(self._failure("nginx exited at start", stderr_path))
             if port_accepts(self.rtmp_port) and port_accepts(self.http_port):
-                return self
+                return
             time.sleep(0.05)
         self._kill()
         raise IngestError(self._failure(f"nginx did not listen within {timeout:g} s", stderr_path))
@@ -275,8 +405,15 @@ class IngestServer:
         return f"{what} (prefix {self.prefix}):\n{out}{hint}"
 
     def stop(self, timeout: float = 5) -> None:
-        """Stop nginx (fast shutdown, then SIGKILL to the group after ``timeout``)."""
-        self._stop(timeout)
+        """Stop nginx (fast shutdown, then SIGKILL to the group after ``timeout``), and the
+        supervisor first, so it does not start nginx again."""
+        self._wanted = False
+        self._halt.set()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout + 15)  # it may be in the middle of a start (10 s at most)
+        with self._lock:
+            self._stop(timeout)
         if self._given_prefix is None and self._prefix is not None:
             shutil.rmtree(self._prefix, ignore_errors=True)
             self._prefix = None
@@ -303,8 +440,64 @@ class IngestServer:
 
     def restart(self, timeout: float = 10) -> IngestServer:
         """Stop and start again on the same ports and prefix (every session is cut)."""
-        self._stop(5)
-        return self.start(timeout)
+        with self._lock:  # the supervisor waits: this gap is not a death
+            self._stop(5)
+            return self.start(timeout)
+
+    # ------------------------------------------------------------------ supervision
+
+    def problems(self) -> list[str]:
+        """Why the ingest server is not serving (empty when it is, or was never started):
+        for readiness."""
+        if not self._wanted:
+            return []
+        reason = self.down_reason
+        if reason is None and not self.is_running:
+            reason = "nginx exited"  # the watcher has not looked yet
+        return [] if reason is None else [f"ingest server down: {reason}"]
+
+    def _watch(self) -> None:
+        """The supervisor: look at nginx every WATCH_INTERVAL; when it has died, kill what
+        is left of its group, tell ``on_exit``, and start it again with backoff until it
+        runs or stop() is called."""
+        backoff = Backoff(*RESTART_BACKOFF)
+        died = ""  # how it died, from the look that noticed it to the restart
+        while not self._halt.wait(WATCH_INTERVAL):
+            with self._lock:
+                if not self._wanted:
+                    return
+                if self.is_running:
+                    continue
+                noticed = self.down_reason is None
+                if noticed:
+                    code = self._proc.returncode if self._proc is not None else None
+                    died = self.down_reason = _exit_reason(code)
+                    # A worker outlives its killed master and keeps the ports: clear the
+                    # group, or the restart would find them taken.
+                    self._stop(0.5)
+            if noticed:
+                log.error("ingest server: %s; restarting it", died)
+                if self.on_exit is not None:
+                    try:
+                        self.on_exit(died)
+                    except Exception:  # the restart matters more than the callback
+                        log.exception("ingest server: on_exit failed")
+            if not backoff.wait(self._halt):
+                return
+            with self._lock:
+                if not self._wanted:
+                    return
+                try:
+                    self._start()
+                except IngestError as exc:
+                    first = str(exc).splitlines()[0]
+                    self.down_reason = f"{died}; restart failed: {first}"
+                    log.error("ingest server: %s", self.down_reason)
+                    continue
+                self.restarts += 1
+                self.down_reason = None
+            backoff.reset()
+            log.warning("ingest server: running again (restart %d)", self.restarts)
 
     def reload(self, timeout: float = 10, *, keep_sessions: bool = False) -> None:
         """Re-render the config (e.g. after changing ``on_publish_url``) and SIGHUP nginx.
@@ -320,6 +513,10 @@ class IngestServer:
         reconnect, as after restart() (but the master, its pid and the ports stay).
         ``keep_sessions=True`` leaves them running on the old config instead.
         """
+        with self._lock:  # the supervisor waits until the new workers serve
+            self._reload(timeout, keep_sessions)
+
+    def _reload(self, timeout: float, keep_sessions: bool) -> None:
         if not self.is_running or self._proc is None:
             raise IngestError("reload(): the ingest server is not running")
         binary = self._check_install()
@@ -390,6 +587,18 @@ class IngestServer:
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
         return f"IngestServer(rtmp={self.rtmp_port}, http={self.http_port}, {state})"
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "nginx exited"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"nginx was killed ({name})"
+    return f"nginx exited with code {code}"
 
 
 # ---------------------------------------------------------------------- command line

@@ -95,8 +95,10 @@ class LiveStats:
 
 class RateController:
     """Steps the output rate down when writing a frame takes most of a frame interval (the
-    link, or the encoder feeding it, cannot keep up) and back up after it has been easy for
-    a while. Hysteresis keeps it from flapping."""
+    link, or the encoder feeding it, cannot keep up), or when the output says it is backed
+    up (a UDP output whose send queue on this host holds a standing backlog: its writes
+    never block, see live_sink's "Backlog"), and back up after it has been easy for a
+    while. Hysteresis keeps it from flapping."""
 
     def __init__(
         self, window: int = 30, high: float = 0.8, low: float = 0.35, recover_after: float = 10.0
@@ -106,9 +108,15 @@ class RateController:
         self.high, self.low, self.recover_after = high, low, recover_after
         self.easy_since: float | None = None
 
-    def observe(self, send_seconds: float, interval: float, now: float) -> int | None:
-        """Record one frame's send time; returns the new level index when it changes."""
-        self.samples.append(send_seconds / max(interval, 1e-6))
+    def observe(
+        self, send_seconds: float, interval: float, now: float, backed_up: bool = False
+    ) -> int | None:
+        """Record one frame's send time (and whether earlier frames were still queued when
+        it was due); returns the new level index when it changes."""
+        load = send_seconds / max(interval, 1e-6)
+        # still sending the frames before when the next is due: the link needed at least
+        # a whole frame interval for each, a load of 1
+        self.samples.append(max(load, 1.0) if backed_up else load)
         if len(self.samples) < self.samples.maxlen:
             return None
         load = float(np.mean(self.samples))
@@ -152,6 +160,7 @@ class LivePipeline:
         self.hold_after = hold_after
         self.status_interval = status_interval
         self.name = name
+        self.lossless = lossless
         self.stats = LiveStats()
         self.swapping = True
         self.decoded: LatestSlot[Frame] = LatestSlot(lossless)
@@ -195,8 +204,21 @@ class LivePipeline:
             for thread in threads:
                 thread.join(10)
             if self.sink is not None:
-                self.sink.close()
-            self.engine.close()
+                self.sink.close()  # first: the recording is safe before anything else
+            # The input's own reader thread (demux, decode, close: all PyAV) is waited for
+            # too. A process whose interpreter shuts down while a thread is still inside
+            # PyAV can crash (PyAV's read-timeout callback takes the GIL from inside
+            # FFmpeg, dozens of times a second while a live read waits): exit 139 at one
+            # stop in 13, after the output had been flushed.
+            close_source = getattr(self.source, "close", None)
+            if close_source is not None and close_source() is False:
+                log.warning("%s: the input did not close in time", self.name)
+            stuck = [thread.name for thread in threads if thread.is_alive()]
+            if stuck:
+                # freeing the models under a stage that still runs them would crash it
+                log.warning("%s: %s still running: models not freed", self.name, stuck)
+            else:
+                self.engine.close()
         self.log_status()
         if self._errors:
             raise self._errors[0]
@@ -209,7 +231,12 @@ class LivePipeline:
         except Closed:
             pass
         except BaseException as exc:
-            log.exception("%s: stage %s failed", self.name, threading.current_thread().name)
+            stage_name = threading.current_thread().name
+            if isinstance(exc, FacecastError):
+                # said by whoever runs the pipeline (the CLI's one line, the service's log)
+                log.debug("%s: stage %s: %s", self.name, stage_name, exc, exc_info=True)
+            else:
+                log.exception("%s: stage %s failed", self.name, stage_name)
             self._errors.append(exc)
             stop.set()
 
@@ -294,8 +321,10 @@ class LivePipeline:
             frame = self.processed.get(interval)
             now = time.monotonic()
             if frame is None:
-                # no new frame: if the input is down, repeat the last one so players hold on
-                input_down = now - self._last_input > self.hold_after
+                # no new frame: if the input is down, repeat the last one so players hold on.
+                # Never for a lossless input: there the gap is the swap working (the reader
+                # waits for it), and a repeated frame would be one the input never had.
+                input_down = not self.lossless and now - self._last_input > self.hold_after
                 if last is not None and input_down and now - last_write >= interval:
                     self._write(last, held=True)
                     last_write = now
@@ -328,7 +357,15 @@ class LivePipeline:
         for chunk in self.audio.drain():
             sink.write_audio(chunk)
         # the sink fits frames to the size it opened with (an input may reconnect at another)
-        sink.write(Frame(image=frame.image, index=frame.index, t_ingest=frame.t_ingest))
+        sink.write(
+            Frame(
+                image=frame.image,
+                index=frame.index,
+                pts=frame.pts,  # for a sink on media time (a file read flat out)
+                time_base=frame.time_base,
+                t_ingest=frame.t_ingest,
+            )
+        )
         spent = time.perf_counter() - start
         self.stats.clock.add("output", spent)
         self.stats.frames_out += 1
@@ -341,19 +378,28 @@ class LivePipeline:
         self._adapt(sink, spent)
 
     def _adapt(self, sink: Sink, spent: float) -> None:
-        level = self.rate.observe(spent, self._frame_interval(), time.monotonic())
+        if self.lossless:
+            return  # every frame is kept: the input waits, there is no link to spare
+        # only StreamSink's UDP output can tell (a GStreamer sink has no such attribute)
+        backed_up = bool(getattr(sink, "backed_up", False))
+        level = self.rate.observe(spent, self._frame_interval(), time.monotonic(), backed_up)
         if level is None:
             return
+        down = RATE_LEVELS[level] < self.stats.rate_level  # else a step back up
         self.stats.rate_level = RATE_LEVELS[level]
         self.stats.rate_changes += 1
         fps = float(self.source.fps or 30) * self.stats.rate_level
         bitrate = int(self.bitrate * self.stats.rate_level) if self.bitrate else None
+        queued = getattr(sink, "send_queue", None)
         log.warning(
-            "%s: output %s: now %.1f fps%s",
+            "%s: output %s: now %.1f fps%s%s",
             self.name,
-            "backed up" if level else "recovered",
+            "backed up" if down else "recovered",
             fps,
             f", {bitrate // 1000} kb/s" if bitrate else "",
+            f" ({queued // 1024} kB waiting to be sent on this host)"
+            if down and backed_up and queued is not None
+            else "",
         )
         sink.set_rate(fps, bitrate)
 
@@ -416,6 +462,8 @@ def build_pipeline(
     if gst.is_gst(settings.output):
         gst.check_output(settings.output)  # a broken description fails now, not at frame 1
     mark = output_mark(source_name, options)
+    # a file read flat out: every frame kept, and the output on the file's own timeline
+    lossless = not (source.live or settings.realtime)
 
     def open_sink(width: int, height: int, fps: float, audio: Any) -> Sink:
         if gst.is_gst(settings.output):
@@ -437,6 +485,7 @@ def build_pipeline(
             keyint=settings.keyint,
             bitrate=settings.bitrate,
             mark=mark,
+            media_time=lossless,
         )
 
     return LivePipeline(
@@ -446,21 +495,23 @@ def build_pipeline(
         bitrate=settings.bitrate,
         status_interval=settings.status_interval,
         name=name or _stream_name(settings.input),
-        lossless=not (source.live or settings.realtime),
+        lossless=lossless,
     )
 
 
 def run_stream(settings: StreamSettings) -> LiveStats:
     """``facecast stream``: build the engine and both endpoints, run until SIGINT/SIGTERM
     (or until a non-live input ends), flush the output and return."""
+    from facecast.media.live_source import redact
+
     assert settings.source_image and settings.input and settings.output
     pipeline = build_pipeline(settings)
     stop = threading.Event()
     with _stop_on_signals(stop):
         log.info(
             "streaming %s → %s with the face from %s (stop with Ctrl-C)",
-            settings.input,
-            settings.output,
+            redact(settings.input),
+            redact(settings.output),
             settings.source_image,
         )
         return pipeline.run(stop)
@@ -475,19 +526,24 @@ def _stream_name(url: str) -> str:
 
 
 @contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``stop`` so the pipeline flushes and closes its output."""
+def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set ``stop`` so the pipeline flushes and closes its output; yields
+    the signals received, in order. Installed whatever the inherited disposition: a
+    command started in the background by a script inherits SIGINT ignored, and would
+    otherwise run on through a ``kill -INT``."""
+    received: list[int] = []
 
     def handler(signum: int, _frame: object) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
+        received.append(signum)
         stop.set()
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

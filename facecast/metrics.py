@@ -16,8 +16,9 @@ When it expires it stops being reported; a new stream on the key starts its coun
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -33,12 +34,19 @@ from facecast.config import ModelSettings
 from facecast.streams import StreamManager, dropped_frames
 from facecast.timing import Histogram
 
+if TYPE_CHECKING:
+    from facecast.ingest import IngestServer
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class StreamCollector(Collector):
-    def __init__(self, manager: StreamManager) -> None:
+    """``label``: a stream's ``stream`` label from its key (the key itself by default; the
+    HTTP plane can hash it, for keys that are secrets)."""
+
+    def __init__(self, manager: StreamManager, label: Callable[[str], str] | None = None) -> None:
         self.manager = manager
+        self.label = label or (lambda key: key)
 
     def collect(self) -> Iterator[Metric]:
         handles = self.manager.handles()
@@ -65,7 +73,7 @@ class StreamCollector(Collector):
             "facecast_stage_seconds", "Time per call of each stage.", labels=["stream", "stage"]
         )
         for handle in handles:
-            key, pipeline = handle.key, handle.pipeline
+            key, pipeline = self.label(handle.key), handle.pipeline
             stats, source, sink = pipeline.stats, pipeline.source, pipeline.sink
             for result, value in (
                 ("swapped", stats.frames_swapped),
@@ -125,10 +133,46 @@ def build_labels() -> dict[str, str]:
     }
 
 
-def make_registry(manager: StreamManager, extra: Iterable[Collector] = ()) -> CollectorRegistry:
+class IngestCollector(Collector):
+    """``facecast_ingest_up`` (1 while nginx runs) and ``facecast_ingest_restarts_total``
+    (times the supervisor started it again after it died) for ``facecast serve``'s ingest
+    server. A restart cuts every publisher, so a rising count explains streams that ended
+    together."""
+
+    def __init__(self, ingest: IngestServer) -> None:
+        self.ingest = ingest
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("facecast_ingest_up", "1 while the ingest server (nginx) runs.")
+        up.add_metric([], 1 if self.ingest.is_running else 0)
+        restarts = CounterMetricFamily(
+            "facecast_ingest_restarts", "Times the ingest server was restarted after it died."
+        )
+        restarts.add_metric([], self.ingest.restarts)
+        yield from (up, restarts)
+
+
+class _ManagerCollectors(Collector):
+    """The collectors added to ``manager.collectors``, read at scrape time: the registry is
+    made with the app, before ``facecast serve`` adds its ingest server's."""
+
+    def __init__(self, manager: StreamManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in list(self.manager.collectors):
+            yield from collector.collect()
+
+
+def make_registry(
+    manager: StreamManager,
+    extra: Iterable[Collector] = (),
+    label: Callable[[str], str] | None = None,
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StreamCollector(manager))
+    registry.register(StreamCollector(manager, label))
     registry.register(BuildInfoCollector())
+    registry.register(_ManagerCollectors(manager))
     # process_* (CPU, RSS, open fds, start time) on this registry, not the global default:
     # no state shared between servers in one process. It reads /proc, so off Linux it
     # simply reports nothing.

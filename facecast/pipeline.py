@@ -292,6 +292,16 @@ FILE_QUEUE_DEPTH = 6
 FILE_DETECT_EVERY = 3
 
 
+class Stopped(Exception):
+    """The run was asked to stop (its ``stop`` event, set by SIGINT/SIGTERM) before the
+    output was complete; nothing was written."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped
+
+
 def swap_file(
     source: Path | list[Path],
     target: Path,
@@ -299,11 +309,13 @@ def swap_file(
     options: EngineOptions | None = None,
     progress: ProgressCallback | None = None,
     quality: VideoQuality | None = None,
+    stop: threading.Event | None = None,
 ) -> RunStats:
     """Swap ``source``'s face into an image or a video file (chosen by content). Several
     source photos (or a folder of them) are several photos of one person: each face gets the
     one nearest its expression.
-    ``quality``: how a video output is encoded (images ignore it)."""
+    ``quality``: how a video output is encoded (images ignore it). ``stop``: once set, the
+    run ends within a frame with ``Stopped`` and leaves no output, not even a partial one."""
     options = options or EngineOptions()
     if not output.parent.is_dir():
         raise MediaError(f"{output}: cannot write there, folder {output.parent} does not exist")
@@ -312,9 +324,9 @@ def swap_file(
     kind = detect_kind(target)
     log.debug("%s: %s target; models %s", target, kind, options.models.describe())
     if kind == "image":
-        stats = swap_image_file(source, target, output, options)
+        stats = swap_image_file(source, target, output, options, stop)
     else:
-        stats = swap_video_file(source, target, output, options, progress, quality)
+        stats = swap_video_file(source, target, output, options, progress, quality, stop)
     clock = stats.clock
     log.debug(
         "ms per call: %s",
@@ -340,7 +352,11 @@ def _engine_for(source: Path | list[Path], options: EngineOptions) -> SwapEngine
 
 
 def swap_image_file(
-    source: Path | list[Path], target: Path, output: Path, options: EngineOptions
+    source: Path | list[Path],
+    target: Path,
+    output: Path,
+    options: EngineOptions,
+    stop: threading.Event | None = None,
 ) -> RunStats:
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise MediaError(f"{output}: an image target needs a .png or .jpg output")
@@ -354,6 +370,7 @@ def swap_image_file(
             f"{target}: --faces {options.selection} chooses no face, the image shows "
             f"{stats.most_faces} (index:0 to index:{stats.most_faces - 1}); nothing written"
         )
+    _check(stop)
     write_image(output, image, output_mark(source, options))
     return stats
 
@@ -365,9 +382,16 @@ class _Done:
         self.error = error
 
 
-def _reader(items: Iterator[Frame | av.Packet], out: queue.Queue, clock: StageClock) -> None:
+def _reader(
+    items: Iterator[Frame | av.Packet],
+    out: queue.Queue,
+    clock: StageClock,
+    cancel: threading.Event,
+) -> None:
+    """Decode into ``out`` until the file ends or ``cancel`` is set (the run failed or
+    was stopped: the rest of the file is not decoded only to be thrown away)."""
     try:
-        while True:
+        while not cancel.is_set():
             start = time.perf_counter()
             item = next(items, None)
             if isinstance(item, Frame):
@@ -402,15 +426,18 @@ def swap_video_file(
     options: EngineOptions,
     progress: ProgressCallback | None = None,
     quality: VideoQuality | None = None,
+    stop: threading.Event | None = None,
 ) -> RunStats:
     """Every frame, in order, through decode ∥ analyse+swap ∥ encode on three threads joined
     by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
-    packets travel the same queues untouched, so the sink muxes them in container order."""
+    packets travel the same queues untouched, so the sink muxes them in container order.
+    ``stop``: checked between frames; once set, ``Stopped`` and the output is discarded."""
     detect_every = options.detect_every if options.detect_every > 1 else FILE_DETECT_EVERY
     engine = _engine_for(
         source,
         replace(options, detect_every=detect_every, temporal=True, log_index_misses=False),
     )
+    _check(stop)  # a stop while the models loaded: no output file is begun
     stats = RunStats()
     clock = stats.clock
     started = time.perf_counter()
@@ -423,8 +450,12 @@ def swap_video_file(
             decoded: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
             to_encode: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
             writer_errors: list[BaseException] = []
+            cancel = threading.Event()
             reader = threading.Thread(
-                target=_reader, args=(src.demux(), decoded, clock), name="decode", daemon=True
+                target=_reader,
+                args=(src.demux(), decoded, clock, cancel),
+                name="decode",
+                daemon=True,
             )
             writer = threading.Thread(
                 target=_writer,
@@ -437,6 +468,7 @@ def swap_video_file(
             error: BaseException | None = None
             try:
                 while not isinstance(item := decoded.get(), _Done):
+                    _check(stop)
                     if writer_errors:  # the output failed: stop now, not after the whole file
                         raise writer_errors[0]
                     if isinstance(item, Frame):
@@ -447,7 +479,8 @@ def swap_video_file(
                 error = item.error
             except BaseException as exc:
                 error = exc
-                # drain the reader so its thread can finish
+                cancel.set()
+                # drain the reader so its thread can finish (and see ``cancel``)
                 while reader.is_alive() and not isinstance(decoded.get(), _Done):
                     pass
             finally:
@@ -459,6 +492,7 @@ def swap_video_file(
                 raise error
             if stats.frames == 0:
                 raise MediaError(f"{target}: no video frame could be decoded")
+            _check(stop)  # stopped after the last frame: still nothing is written
     clock.add("wall", time.perf_counter() - started)
     engine.close()
     if stats.frames_without_face:

@@ -4,7 +4,9 @@ Routes:
 - ``GET /healthz``: the process answers (liveness).
 - ``GET /readyz``: 200 when models load and every stream's input is up, else 503 with the
   reasons (readiness).
-- ``GET /metrics``: Prometheus text format (see ``facecast.metrics``).
+- ``GET /metrics``: Prometheus text format (see ``facecast.metrics``). Open, like the two
+  above: probes and scrapers send no token. Its ``stream`` label is the key, or with
+  ``FACECAST_METRICS_KEYS=hash`` a keyed hash of it (``metrics_label``).
 - ``GET /api/streams``, ``GET /api/streams/{key}``: status of each stream, running or ended
   within the manager's retention (``state``: running, ended or failed; times in ISO-8601
   UTC).
@@ -18,23 +20,32 @@ An image upload is the raw body (a JPEG or PNG, whatever the ``Content-Type`` sa
 Both get the same checks: 413 over the size limit, 415 when the bytes are not a JPEG or
 PNG, 422 when the image cannot be used.
 
-Security: routes that change anything need ``Authorization: Bearer <FACECAST_API_TOKEN>``.
-Without a configured token they are open, so ``serve_http`` then binds to loopback only
-and says so. Uploads are size-limited while they arrive (a raw body and every multipart
-part alike: nothing oversize is ever held whole), typed by their bytes, and decoded in
-memory: nothing from a request ever names a file.
+Security: routes that change anything, and those that list stream keys (a key is what a
+publisher needs to publish), need ``Authorization: Bearer <FACECAST_API_TOKEN>``. Without a
+configured token they are open, so ``bind_host`` then keeps the server on loopback and says
+so. Uploads are size-limited while they arrive (a raw body and every multipart part alike:
+nothing oversize is ever held whole), typed by their bytes, checked against the pixel and
+decoding budget from their header, and decoded in memory, off the event loop: nothing from
+a request ever names a file. A client gets ``HEADER_TIMEOUT`` seconds to send a request's
+head and ``BODY_TIMEOUT`` seconds between pieces of its body (``ThreadedServer``), so
+stalled requests do not pile up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
+import anyio.to_thread
+import h11
 import numpy as np
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -44,6 +55,8 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from facecast.errors import FacecastError, MediaError, NoFaceError
 from facecast.media.image_io import UnsupportedImageError, decode_image_bytes
@@ -64,6 +77,18 @@ SourceHook = Callable[[str, list[np.ndarray], str], bool]
 # Photos of one source person in one upload (repeated ``file`` parts): each face gets the one
 # nearest its expression (swap/sources.py).
 MAX_SOURCE_PHOTOS = 8
+# Decoding an upload takes CPU and memory (up to image_io.MAX_DECODED_BYTES a picture, more
+# while it is converted): on threads, so the event loop (/healthz, the publish hooks) never
+# waits on one, and a few at a time, so a burst of uploads cannot add up.
+DECODES_AT_ONCE = 2
+# Slow clients: seconds to send a request's head (from its first byte, or from the
+# connection when nothing came yet), and seconds the server waits for each piece of a body
+# it is reading. Generous for a person's curl, short for a connection held open on purpose.
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+# The ``stream`` label of /metrics: the key, or a keyed hash of it for keys that are secrets
+METRICS_KEYS_ENV = "FACECAST_METRICS_KEYS"
+METRICS_KEYS = ("key", "hash")
 
 
 class SwappingRequest(BaseModel):
@@ -75,9 +100,13 @@ def create_app(
     token: str | None,
     max_upload: int = MAX_UPLOAD_BYTES,
     on_source: SourceHook | None = None,
+    metrics_keys: str | None = None,
 ) -> FastAPI:
+    """``metrics_keys``: ``key`` or ``hash`` (see ``metrics_label``); None reads
+    ``FACECAST_METRICS_KEYS``, ``key`` when it is not set."""
     app = FastAPI(title="facecast", docs_url="/api/docs", openapi_url="/api/openapi.json")
-    registry = make_registry(manager)
+    label = metrics_label(metrics_keys, token)
+    registry = make_registry(manager, label=label)
     # Model files are checked once: they do not change under a running process.
     model_problems = _model_problems()
 
@@ -97,14 +126,20 @@ def create_app(
     def metrics() -> Response:
         return Response(exposition(registry), media_type=CONTENT_TYPE)
 
-    @app.get("/api/streams")
-    def streams() -> dict[str, Any]:
-        return {"streams": [handle.status() for handle in manager.handles()]}
+    def status(handle: Any) -> dict[str, Any]:
+        if label is None:
+            return handle.status()
+        return {**handle.status(), "metrics_label": label(handle.key)}
 
-    @app.get("/api/streams/{key}")
+    # the keys, and whether a guessed one exists, are for the token holder
+    @app.get("/api/streams", dependencies=guard)
+    def streams() -> dict[str, Any]:
+        return {"streams": [status(handle) for handle in manager.handles()]}
+
+    @app.get("/api/streams/{key}", dependencies=guard)
     def stream(key: str) -> dict[str, Any]:
         try:
-            return manager.get(key).status()
+            return status(manager.get(key))
         except UnknownStreamError as exc:
             raise HTTPException(404, str(exc)) from None
 
@@ -135,6 +170,20 @@ def create_app(
         return {"key": key, "swapping": body.enabled}
 
     return app
+
+
+def metrics_label(mode: str | None, token: str | None) -> Callable[[str], str] | None:
+    """How a stream key becomes its ``stream`` label on /metrics, which is open: None for
+    the key itself; for ``hash``, the first 12 hex digits of HMAC-SHA256(token, key), stable
+    while the token is, and not to be reversed by hashing guesses without it (/api/streams
+    shows each stream's label to the token holder). A bad mode is a FacecastError."""
+    mode = mode if mode is not None else os.environ.get(METRICS_KEYS_ENV) or "key"
+    if mode not in METRICS_KEYS:
+        raise FacecastError(f"{METRICS_KEYS_ENV}={mode!r}: use one of {', '.join(METRICS_KEYS)}")
+    if mode == "key":
+        return None
+    secret = (token or "").encode()
+    return lambda key: hmac.new(secret, key.encode(), "sha256").hexdigest()[:12]
 
 
 @contextlib.contextmanager
@@ -180,19 +229,32 @@ async def read_image_uploads(
     """Like ``read_image_upload``, but a multipart body may repeat the part ``file`` up to
     ``most`` times: several photos of one person. Each gets the same checks."""
     if not is_multipart(request):
-        return [decode_upload(await read_limited(request, limit), name)]
+        return [await decode_off_loop(request, await read_limited(request, limit), name)]
     parts = await read_form(
         request, limit, (UPLOAD_FIELD,), required=(UPLOAD_FIELD,), repeatable={UPLOAD_FIELD: most}
     )
     photos = parts[UPLOAD_FIELD]
     if len(photos) == 1:
-        return [decode_upload(photos[0], name)]
-    return [decode_upload(data, f"{name} (photo {i + 1})") for i, data in enumerate(photos)]
+        return [await decode_off_loop(request, photos[0], name)]
+    return [
+        await decode_off_loop(request, data, f"{name} (photo {i + 1})")
+        for i, data in enumerate(photos)
+    ]
+
+
+async def decode_off_loop(request: Request, data: bytes, name: str) -> np.ndarray:
+    """``decode_upload`` on a worker thread, at most ``DECODES_AT_ONCE`` per app at a time."""
+    state = request.app.state
+    limiter = getattr(state, "decode_limiter", None)
+    if limiter is None:  # made here, on the loop it serves (one at a time: no race)
+        limiter = state.decode_limiter = anyio.CapacityLimiter(DECODES_AT_ONCE)
+    return await anyio.to_thread.run_sync(decode_upload, data, name, limiter=limiter)
 
 
 def decode_upload(data: bytes, name: str) -> np.ndarray:
     """Uploaded bytes as an image: 415 when they are not a JPEG or PNG, 422 when they are
-    one that cannot be used (corrupt, too many pixels)."""
+    one that cannot be used (corrupt, too many pixels, over the decoding budget). Slow for
+    a large picture: from a coroutine, use ``decode_off_loop``."""
     try:
         return decode_image_bytes(data, name)
     except UnsupportedImageError as exc:
@@ -206,14 +268,21 @@ async def read_limited(request: Request, limit: int) -> bytes:
     there is one, else by counting as it arrives, so an oversize upload is never held whole."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
+        raise HTTPException(413, f"upload over {size_text(limit)}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
+            raise HTTPException(413, f"upload over {size_text(limit)}")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def size_text(size: int) -> str:
+    """A byte limit for a reason: in MB, or in KB under one (not "over 0 MB")."""
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):g} MB"
+    return f"{size / 1024:g} KB"
 
 
 def is_multipart(request: Request) -> bool:
@@ -233,7 +302,7 @@ async def read_form(
     arrives, so an oversize part is refused (413) without being held whole; an unknown or
     repeated part, a missing one or a broken body gets 422."""
     repeatable = repeatable or {}
-    over = HTTPException(413, f"upload over {limit // (1024 * 1024)} MB")
+    over = HTTPException(413, f"upload over {size_text(limit)}")
     # the parts and the framing around them
     total = sum(repeatable.get(name, 1) for name in fields) * limit + FORM_OVERHEAD
     declared = request.headers.get("content-length")
@@ -335,7 +404,7 @@ class FormParts:
         name, buffer = self._current
         buffer.extend(data[start:end])
         if len(buffer) > self.limit:
-            raise HTTPException(413, f"{name}: upload over {self.limit // (1024 * 1024)} MB")
+            raise HTTPException(413, f"{name}: upload over {size_text(self.limit)}")
 
     def _end(self) -> None:
         self._ended = True
@@ -370,10 +439,29 @@ def bind_host(requested: str, token: str | None) -> str:
 class ThreadedServer:
     """uvicorn on a thread of its own (``serve`` and ``web`` share it). ``start`` returns
     once the port is bound, or raises: a port in use must not leave a service that only
-    looks up."""
+    looks up. ``header_timeout`` and ``body_timeout``: see ``HEADER_TIMEOUT``,
+    ``BODY_TIMEOUT``; a request that runs past either gets 408 and its connection closes."""
 
-    def __init__(self, app: Any, host: str, port: int, name: str = "http") -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        name: str = "http",
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
+        config = uvicorn.Config(
+            BodyTimeout(app, body_timeout),
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            # uvicorn times out only idle kept-alive connections: the head of a request
+            # gets a deadline from this protocol (h11, the parser uvicorn picks anyway)
+            http=functools.partial(TimedH11Protocol, header_timeout=header_timeout),  # type: ignore[arg-type]
+        )
         self.server = uvicorn.Server(config)
         self.where = f"{host}:{port}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -397,3 +485,90 @@ class ThreadedServer:
         self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head: ``header_timeout``
+    seconds from the connection (nothing sent yet) or from the first byte of a request on a
+    kept-alive one. Past it, 408 and the connection closes (just closes when nothing at all
+    came). Idle kept-alive connections are uvicorn's own ``timeout_keep_alive``; bodies are
+    ``BodyTimeout``'s."""
+
+    def __init__(self, *args: Any, header_timeout: float = HEADER_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_head_deadline()  # the head is in: the app's (and the body's) now
+        elif self._head_deadline is None and self.conn.trailing_data[0]:
+            self._arm_head_deadline()  # part of the next request on a kept-alive connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        self._head_deadline = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        transport = self.transport
+        # still this protocol's (not upgraded), still open, still waiting for a head
+        if transport.is_closing() or transport.get_protocol() is not self:
+            return
+        if self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.trailing_data[0]:  # a request had begun: say why it ends
+            reason = f"request head not received within {self.header_timeout:g} s".encode()
+            transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(reason), reason)
+            )
+        transport.close()
+
+
+class BodyTimeout:
+    """ASGI middleware: while the app reads a request's body, each piece must come within
+    ``timeout`` seconds, else the read raises HTTPException 408 (so the route's own error
+    handling answers, and nothing half-uploaded is used) and the connection closes. Once the
+    body is complete, reads wait as long as they like (they then only signal a disconnect)."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    408,
+                    f"request body: nothing received for {self.timeout:g} s",
+                    headers={"Connection": "close"},
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        await self.app(scope, timed_receive, send)

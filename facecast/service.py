@@ -26,8 +26,11 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import shutil
 import tempfile
 import threading
@@ -47,6 +50,7 @@ from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.select import Selection
 from facecast.ingest import IngestServer
 from facecast.live import engine_options
+from facecast.metrics import IngestCollector
 from facecast.profiles import (
     BLENDS,
     KEY_RE,
@@ -63,7 +67,7 @@ from facecast.server import (
     bearer_guard,
     bind_host,
     create_app,
-    decode_upload,
+    decode_off_loop,
     is_multipart,
     read_form,
     read_image_upload,
@@ -74,6 +78,19 @@ from facecast.web import mount_web
 from facecast.webrtc import WebSessions
 
 log = logging.getLogger(__name__)
+
+# Hosts that mean "this machine only": viewer auth is off by default there.
+LOOPBACK_HOSTS = (LOOPBACK, "localhost", "::1")
+
+
+def _play_secret(token: str | None) -> str:
+    """What viewers' play tokens are signed with. Derived from the API token, so a key's
+    token, and the URLs handed out, outlive a restart (and say nothing about the API token);
+    without one, random per run."""
+    if token is None:
+        return secrets.token_urlsafe(32)
+    return hmac.new(token.encode(), b"facecast viewer play tokens", hashlib.sha256).hexdigest()
+
 
 __all__ = ["Profile", "Service", "load_profiles"]  # load_profiles: serve's and tests' import
 
@@ -93,22 +110,48 @@ class Service:
         max_upload: int = MAX_UPLOAD_BYTES,
         state_dir: Path | None = None,
         retention: float = DEFAULT_RETENTION,
+        viewer_auth: bool | None = None,
     ) -> None:
         """Nothing starts until ``start()``: ``app`` can be driven on its own (tests do).
         ``profiles``: from the ``--profiles`` file; ``state_dir``: where the API's changes
         are kept across restarts, laid over ``profiles`` here (None: not kept);
-        ``retention``: seconds an ended stream stays listed."""
+        ``retention``: seconds an ended stream stays listed; ``viewer_auth``: viewers of
+        ``swapped/KEY`` and its HLS need the key's play token (``GET /api/play/KEY``);
+        None: on unless the service listens on loopback only."""
         self.max_upload = max_upload
         self.base = base or StreamSettings()
         self.manager = StreamManager(retention)
         self._load_profiles(profiles, state_dir)
         self.host = bind_host(host, token)
         self.http_port = http_port
-        hook = f"http://{LOOPBACK}:{http_port}/hooks/rtmp"
+        # Per-run secrets, known only to this process and the nginx it starts (its config
+        # is mode 0600). The hook URL's: only that nginx can start or stop streams. The
+        # workers': in the query string of the URLs facecast's own reader plays and its
+        # own output publishes, and nginx checks it, so nobody else, loopback included,
+        # plays the raw live/KEY or publishes into swapped/KEY.
+        self._hook_secret = secrets.token_urlsafe(32)
+        if viewer_auth is None:
+            viewer_auth = self.host not in LOOPBACK_HOSTS
+        self.viewer_auth = viewer_auth
+        hook = f"http://{LOOPBACK}:{http_port}/hooks/rtmp/{self._hook_secret}"
         # The ingest server opens to other hosts exactly when the HTTP plane does.
         self.ingest = IngestServer(
-            rtmp_port, hls_port, prefix, on_publish_url=hook, listen=self.host
+            rtmp_port,
+            hls_port,
+            prefix,
+            on_publish_url=hook,
+            listen=self.host,
+            worker_secret=secrets.token_urlsafe(32),
+            play_secret=_play_secret(token) if viewer_auth else None,
+            supervise=True,
+            on_exit=self._ingest_exited,
         )
+        # nginx's client id of the publisher accepted on each key: only its publish_done
+        # ends the key's stream (nginx also sends one for a publisher it refused)
+        self._publishers: dict[str, str] = {}
+        self._publishers_lock = threading.Lock()
+        self.manager.checks.append(self.ingest.problems)
+        self.manager.collectors.append(IngestCollector(self.ingest))
         self.app = create_app(self.manager, token, max_upload, on_source=self._source_changed)
         # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
         self.web = WebSessions(engine_options(self.base))
@@ -142,8 +185,18 @@ class Service:
 
     def _add_routes(self, token: str | None) -> None:
         guard = bearer_guard(token)
-        self.app.add_api_route("/hooks/rtmp", self._rtmp_hook, methods=["POST"])
-        self.app.add_api_route("/api/profiles", self._list_profiles, methods=["GET"])
+        # nginx's hook; the secret path segment is its credential (see __init__). Without
+        # it, the plain path still answers: 403.
+        hook = ["GET", "POST"]  # GET from nginx (notify_method get), POST as it used to be
+        self.app.add_api_route("/hooks/rtmp/{secret}", self._rtmp_hook, methods=hook)
+        self.app.add_api_route("/hooks/rtmp", self._rtmp_hook, methods=hook)
+        self.app.add_api_route(
+            "/api/play/{key}", self._play_urls, methods=["GET"], dependencies=guard
+        )
+        # the keys are what a publisher needs: listed to the token holder only
+        self.app.add_api_route(
+            "/api/profiles", self._list_profiles, methods=["GET"], dependencies=guard
+        )
         self.app.add_api_route(
             "/api/profiles/{key}", self._put_profile, methods=["PUT"], dependencies=guard
         )
@@ -270,14 +323,18 @@ class Service:
         """``photo`` and maybe ``face``, from multipart parts or a JSON body, decoded."""
         if is_multipart(request):
             parts = await read_form(request, self.max_upload, REFERENCE_FIELDS, ("photo",))
-            return {
-                what: decode_upload(datas[0], f"reference {what} for {key}")
-                for what, datas in parts.items()
-            }
-        # two images, each at most max_upload once decoded: base64 is 4/3 of that, plus
-        # room for line breaks and the JSON around them
-        body = await read_limited(request, 3 * self.max_upload)
-        return _reference_images(body, self.max_upload, key)
+            uploads = {what: datas[0] for what, datas in parts.items()}
+        else:
+            # two images, each at most max_upload once decoded: base64 is 4/3 of that, plus
+            # room for line breaks and the JSON around them
+            body = await read_limited(request, 3 * self.max_upload)
+            # up to 30 MB of JSON and base64 to undo: not on the loop either
+            uploads = await run_in_threadpool(_reference_uploads, body, self.max_upload)
+        # in the order given, photo first: the first bad one is the one reported
+        return {
+            what: await decode_off_loop(request, data, f"reference {what} for {key}")
+            for what, data in uploads.items()
+        }
 
     async def _clear_references(self, key: str) -> dict[str, Any]:
         """Back to swapping by ``faces`` for ``key``, from its next publish. The stored files
@@ -356,23 +413,78 @@ class Service:
     # ------------------------------------------------------------------ publish hooks
 
     async def _rtmp_hook(self, request: Request) -> Any:
-        # nginx calls from loopback; nobody else may start or stop streams this way.
-        if request.client is None or request.client.host != LOOPBACK:
-            raise HTTPException(403, "publish hooks are for the local ingest server")
-        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        # Only the nginx this service started knows the secret in its hook URL: anyone
+        # else, loopback or not, gets 403 and changes nothing.
+        given = request.path_params.get("secret", "")
+        if (
+            request.client is None
+            or request.client.host != LOOPBACK
+            or not hmac.compare_digest(given.encode(), self._hook_secret.encode())
+        ):
+            raise HTTPException(403, "hooks are for the ingest server this service started")
+        # nginx sends its own fields first and the client's URL arguments after them, so
+        # the first value of a field is nginx's: a client cannot override call or name.
+        fields = request.url.query if request.method == "GET" else (await request.body()).decode()
+        form = {k: v[0] for k, v in parse_qs(fields).items()}
         call, app, key = form.get("call", ""), form.get("app", ""), form.get("name", "")
-        if app != "live":
-            return PlainTextResponse("ok")
-        if call == "publish":
-            if key not in self.profiles:
-                log.warning("refused a publisher on unknown stream key %r", key)
-                raise HTTPException(403, f"unknown stream key {key!r}")
-            # the profile as it is now, read here on the loop where the API changes it
-            args = (key, self.settings_for(key), self.profiles[key].source.name)
-            threading.Thread(target=self._start_stream, args=args, daemon=True).start()
-        elif call == "publish_done":
-            threading.Thread(target=self._stop_stream, args=(key,), daemon=True).start()
+        if app == "live" and call == "publish":
+            self._publish(key, form.get("clientid", ""))
+        elif app == "live" and call == "publish_done":
+            self._publish_done(key, form.get("clientid", ""))
         return PlainTextResponse("ok")
+
+    def _publish(self, key: str, client: str) -> None:
+        """nginx asks whether ``client`` may publish ``key``: HTTPException if not."""
+        if key not in self.profiles:
+            log.warning("refused a publisher on unknown stream key %r", key)
+            raise HTTPException(403, f"unknown stream key {key!r}")
+        with self._publishers_lock:
+            if key in self._publishers:
+                # nginx would refuse it too ("already publishing"), but only after this
+                # answer, and then send a publish_done for it. Refused here, it gets none.
+                log.warning("refused a second publisher on stream key %r", key)
+                raise HTTPException(409, f"stream key {key!r} already has a publisher")
+            self._publishers[key] = client
+        # the profile as it is now, read here on the loop where the API changes it
+        args = (key, client, self.settings_for(key), self.profiles[key].source.name)
+        threading.Thread(target=self._start_stream, args=args, daemon=True).start()
+
+    def _publish_done(self, key: str, client: str) -> None:
+        """A publisher left ``key``: the stream stops if it was the one accepted there."""
+        with self._publishers_lock:
+            if self._publishers.get(key) != client:
+                log.info("stream %s: publish_done of client %s, not its publisher", key, client)
+                return
+            del self._publishers[key]
+        # Released here, on the loop, before any later publish on the key is answered: so
+        # that publish sees a stream winding down and starts a new one.
+        with contextlib.suppress(UnknownStreamError):
+            self.manager.release(key)
+
+    def _ingest_exited(self, reason: str) -> None:
+        """nginx died (the supervisor restarts it): every publisher was cut, and nginx sends
+        no publish_done for them. Their streams end as if it had; a publisher that comes
+        back publishes again and gets a new pipeline."""
+        with self._publishers_lock:
+            cut = sorted(self._publishers)
+            self._publishers.clear()
+        for handle in self.manager.handles():
+            if handle.running:
+                with contextlib.suppress(UnknownStreamError):
+                    self.manager.release(handle.key)
+        log.warning("ingest server down (%s): publishers cut on %s", reason, cut or "no key")
+
+    async def _play_urls(self, key: str, request: Request) -> dict[str, str]:
+        """Where viewers watch ``key``: RTMP and HLS, with its play token when viewer auth
+        is on. The host is the one this request came to (the same machine serves both)."""
+        if key not in self.profiles:
+            raise HTTPException(404, f"no profile for stream key {key!r}")
+        host = request.url.hostname or LOOPBACK
+        return self.play_urls(key, f"[{host}]" if ":" in host else host)
+
+    def play_urls(self, key: str, host: str = LOOPBACK) -> dict[str, str]:
+        """``{"rtmp": ..., "hls": ...}``: where viewers watch ``key``'s swapped output."""
+        return self.ingest.play_urls(key, host)
 
     def settings_for(self, key: str) -> StreamSettings:
         profile = self.profiles[key]
@@ -383,28 +495,37 @@ class Service:
                 "blend": profile.blend,
                 "references": list(profile.references),
                 **dict(profile.models),
-                "input": self.ingest.rtmp_url("live", key),
-                "output": self.ingest.rtmp_url("swapped", key),
+                # with this run's worker secret: nginx lets only these read and publish
+                "input": self.ingest.worker_url("live", key),
+                "output": self.ingest.worker_url("swapped", key),
                 "realtime": False,
             }
         )
 
-    def _start_stream(self, key: str, settings: StreamSettings, source_name: str) -> None:
+    def _start_stream(
+        self, key: str, client: str, settings: StreamSettings, source_name: str
+    ) -> None:
         with self._lock:
             try:
                 handle = self.manager.get(key)
             except UnknownStreamError:
                 handle = None
             if handle is not None and handle.running:
-                return  # a publisher back quickly: the running input reconnects by itself
+                if not handle.released:
+                    return  # a publisher back quickly: the running input reconnects by itself
+                if handle.thread is not None:
+                    handle.thread.join(15)  # the last publisher's stream is still flushing
+            if self._publishers.get(key) != client:
+                return  # this publisher left already
             try:
                 self.manager.start(key, settings, source_name=source_name)
             except FacecastError as exc:
                 log.error("stream %s: cannot start: %s", key, exc)
-
-    def _stop_stream(self, key: str) -> None:
-        with self._lock, contextlib.suppress(UnknownStreamError):
-            self.manager.stop(key)
+                return
+            if self._publishers.get(key) != client:
+                # it left while its pipeline was built, and its publish_done found nothing
+                # to release yet
+                self.manager.release(key)
 
 
 # ---------------------------------------------------------------------------- API helpers
@@ -443,27 +564,29 @@ REFERENCE_BODY = {
 BODY_SHAPE = 'expected JSON {"photo": BASE64, "face": BASE64 (optional)}'
 
 
-def _reference_images(body: bytes, limit: int, key: str) -> dict[str, np.ndarray]:
-    """``photo`` and, if given, ``face`` from a reference body, decoded; else the HTTP
-    error (422 for the JSON or base64, 413 for an image over ``limit``, 415 for a type)."""
+def _reference_uploads(body: bytes, limit: int) -> dict[str, bytes]:
+    """``photo`` and, if given, ``face`` from a JSON reference body, still encoded; else the
+    HTTP error (422 for the JSON or base64, 413 for an image over ``limit``)."""
     try:
         data = json.loads(body)
     except ValueError:  # not JSON, or not UTF-8
         raise HTTPException(422, f"body: {BODY_SHAPE}") from None
+    except RecursionError:  # the decoder recurses per level: [[[[...]]]] runs out of stack
+        raise HTTPException(422, f"body: nested too deeply; {BODY_SHAPE}") from None
     if not isinstance(data, dict) or "photo" not in data:
         raise HTTPException(422, f"body: {BODY_SHAPE}")
     unknown = set(data) - {"photo", "face"}
     if unknown:
         raise HTTPException(422, f"body: unknown fields {', '.join(sorted(unknown))}")
-    images = {}
+    uploads = {}
     for what in ("photo", "face"):
         text = data.get(what)
         if text is None and what == "face":
             continue
         if not isinstance(text, str):
             raise HTTPException(422, f"{what}: expected a base64 string")
-        images[what] = decode_upload(_unbase64(text, what, limit), f"reference {what} for {key}")
-    return images
+        uploads[what] = _unbase64(text, what, limit)
+    return uploads
 
 
 def _unbase64(text: str, what: str, limit: int) -> bytes:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -45,6 +47,13 @@ class UnknownStreamError(FacecastError):
 
 class StreamEndedError(FacecastError):
     """The stream under that key has ended: it is listed, but cannot be changed."""
+
+
+def without_query(url: str) -> str:
+    """``url`` with no query string: ``facecast serve`` gives its workers per-run secrets
+    there (``?facecast=...``), and the status API and logs must not show them."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query="")) if parts.query else url
 
 
 def iso_utc(epoch: float) -> str:
@@ -109,13 +118,13 @@ class StreamHandle:
             "source_face": self.source_name,
             "swapping": pipeline.swapping,
             "input": {
-                "url": getattr(source, "name", self.settings.input),
+                "url": without_query(str(getattr(source, "name", self.settings.input))),
                 "up": self.input_up(),
                 "since": self.wall_time(getattr(source, "state_since", None)),
                 "reconnects": source.reconnects,
             },
             "output": {
-                "url": getattr(sink, "name", self.settings.output),
+                "url": without_query(str(getattr(sink, "name", self.settings.output))),
                 "up": self.output_up(),
                 "since": self.wall_time(getattr(sink, "state_since", None)),
                 "reconnects": sink.reconnects if sink else 0,
@@ -154,6 +163,12 @@ class StreamManager:
         self._streams: dict[str, StreamHandle] = {}
         self._lock = threading.Lock()
         self.retention = retention
+        # What else the streams depend on reports here, so /readyz and /metrics (built on
+        # the manager) see it: ``facecast serve`` adds its ingest server. ``checks``: each
+        # returns reasons the service is not ready; ``collectors``: Prometheus collectors
+        # (``collect()``), read at scrape time.
+        self.checks: list[Callable[[], list[str]]] = []
+        self.collectors: list[Any] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,7 +198,12 @@ class StreamManager:
         with self._lock:
             self._streams[key] = handle
         handle.thread.start()
-        log.info("stream %s: started (%s → %s)", key, settings.input, settings.output)
+        log.info(
+            "stream %s: started (%s → %s)",
+            key,
+            without_query(str(settings.input)),
+            without_query(str(settings.output)),
+        )
         return handle
 
     def _run(self, handle: StreamHandle) -> None:
@@ -201,11 +221,18 @@ class StreamManager:
     def stop(self, key: str, timeout: float = 15.0) -> None:
         """Stop ``key``'s stream and wait for it to flush; it stays listed as ended for
         ``retention`` seconds."""
+        handle = self.release(key)
+        if handle.thread is not None:
+            handle.thread.join(timeout)
+
+    def release(self, key: str) -> StreamHandle:
+        """Tell ``key``'s stream to stop (its publisher is gone) without waiting for it to
+        flush: the caller may be the event loop. ``handle.released`` is set on return, so a
+        publisher that comes back is seen to need a new pipeline."""
         handle = self.get(key)
         handle.released = True
         handle.stop.set()
-        if handle.thread is not None:
-            handle.thread.join(timeout)
+        return handle
 
     def stop_all(self, timeout: float = 15.0) -> None:
         for handle in self.handles():
@@ -283,10 +310,11 @@ class StreamManager:
         """Why the service is not ready (empty when it is): a stream whose input is down,
         or that stopped with an error while its publisher is still there (an ended,
         released stream is history, not a fault)."""
-        reasons = []
+        reasons = [reason for check in self.checks for reason in check()]
         for handle in self.handles():
             if handle.error and not handle.released:
                 reasons.append(f"stream {handle.key}: {handle.error}")
-            elif handle.running and not handle.pipeline.source.connected:
+            elif handle.running and not handle.released and not handle.pipeline.source.connected:
+                # (a released stream is winding down: its input is gone on purpose)
                 reasons.append(f"stream {handle.key}: input down")
         return reasons

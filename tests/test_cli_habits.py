@@ -171,6 +171,31 @@ def test_index_past_the_faces_on_an_image_exits_2_and_writes_nothing(tmp_path, m
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    ("role", "make", "size"),
+    [
+        ("target", "png", (60000, 60000)),  # past OpenCV's own cap: a cv2.error traceback
+        ("target", "jpeg", (65000, 65000)),
+        ("target", "png", (20000, 20000)),  # under OpenCV's cap: decoded at 1.7 GB
+        ("source", "jpeg", (65000, 65000)),
+    ],
+    ids=["target-png-60k", "target-jpeg-65k", "target-png-20k", "source-jpeg-65k"],
+)
+def test_an_image_over_the_pixel_cap_exits_2_from_its_header(tmp_path, media, role, make, size):
+    """Files get the uploads' pixel cap, read from the header before anything is decoded."""
+    from .test_hostile_http import jpeg_claiming, png_claiming
+
+    huge = tmp_path / f"huge.{'png' if make == 'png' else 'jpg'}"
+    huge.write_bytes((png_claiming if make == "png" else jpeg_claiming)(*size))
+    source, target = (
+        (huge, media / "biden.jpg") if role == "source" else (media / "obama.jpg", huge)
+    )
+    output = tmp_path / "o.png"
+    line = one_line_error(swap(source, target, output))
+    assert str(huge) in line and f"{size[0]}x{size[1]}" in line and "pixels" in line, line
+    assert not output.exists()
+
+
 def test_index_past_the_faces_in_a_video_warns(tmp_path, media):
     target = make_two_people_video(tmp_path / "two.mp4", frames=12)
     output = tmp_path / "o.mp4"

@@ -18,14 +18,16 @@ import pytest
 import yaml
 
 from facecast.config import StreamSettings
+from facecast.server import METRICS_KEYS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 COMPOSE = REPO / "compose.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 LABEL = {"app.kubernetes.io/name": "facecast"}
-# FACECAST_* names read outside StreamSettings: the HTTP plane's token and the profiles file.
-SERVICE_ENV = {"FACECAST_API_TOKEN", "FACECAST_PROFILES"}
+# FACECAST_* names read outside StreamSettings: the HTTP plane's token, the profiles file and
+# how /metrics labels streams (server.METRICS_KEYS_ENV).
+SERVICE_ENV = {"FACECAST_API_TOKEN", "FACECAST_PROFILES", METRICS_KEYS_ENV}
 SEED_ENV = {"SOURCE_IMAGE": "source_image", "TARGET_STREAM": "input", "OUTPUT_STREAM": "output"}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -34,6 +35,7 @@ from tests.live_helpers import (
     stop_process,
     wait_for_http,
     wait_for_stream,
+    wait_until,
 )
 
 CLIP = MEDIA / "short_hamilton_clip.mp4"
@@ -146,6 +148,27 @@ def test_reload_cuts_live_sessions_so_they_reconnect(ingest_server, live_procs) 
     pub.wait(timeout=5)  # cut, as after restart()
     live_procs.add(publish(url, CLIP, loop=True))
     assert len(grab_frames(url, 1, timeout=10)) == 1
+
+
+def test_supervisor_restarts_nginx_when_its_master_is_killed(ingest_factory, live_procs) -> None:
+    """kill -9 of the master alone leaves its worker running, holding the ports: the
+    supervisor clears the group, starts nginx again and says it was down meanwhile."""
+    exits: list[str] = []
+    server = ingest_factory(supervise=True, on_exit=exits.append)
+    assert server.problems() == [] and server.restarts == 0
+    workers = set(server._workers())
+    assert workers
+    old_pid = server.pid
+    os.kill(old_pid, signal.SIGKILL)
+    assert wait_until(lambda: server.restarts == 1 and server.is_running, 20), server.problems()
+    assert server.pid != old_pid and not workers & set(server._workers())
+    assert exits == ["nginx was killed (SIGKILL)"]
+    assert server.problems() == []
+    url = server.rtmp_url("live", "again")
+    live_procs.add(publish(url, CLIP, loop=True))
+    assert len(grab_frames(url, 1, timeout=10)) == 1
+    server.stop()
+    assert not server.is_running and server.problems() == []
 
 
 class _AuthHandler(http.server.BaseHTTPRequestHandler):

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
 from facecast.config import StreamSettings
+from facecast.errors import FacecastError
 from facecast.ingest import free_port
 from facecast.server import create_app, read_form
 from facecast.streams import StreamManager
@@ -89,7 +90,7 @@ def test_control_routes_need_the_token_and_check_uploads(manager, tmp_path):
 
     off = client.post("/api/streams/cam1/swapping", json={"enabled": False}, headers=AUTH)
     assert off.status_code == 200 and manager.get("cam1").pipeline.swapping is False
-    status = client.get("/api/streams/cam1").json()
+    status = client.get("/api/streams/cam1", headers=AUTH).json()
     assert status["swapping"] is False and status["source_face"] == "upload for cam1"
 
 
@@ -131,6 +132,30 @@ def test_metrics_match_what_the_stream_did_and_pass_promtool(manager, tmp_path):
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_metrics_can_label_streams_by_a_keyed_hash(manager, tmp_path, monkeypatch):
+    """/metrics is open (scrapers send no token), so keys that are secrets can be hashed
+    there: FACECAST_METRICS_KEYS=hash. The token holder finds each stream's label in
+    /api/streams."""
+    udp_stream(manager, "secret-key", tmp_path / "s.ts")
+    monkeypatch.setenv("FACECAST_METRICS_KEYS", "hash")
+    client = TestClient(create_app(manager, TOKEN))
+    text = client.get("/metrics").text
+    assert "secret-key" not in text
+    label = client.get("/api/streams/secret-key", headers=AUTH).json()["metrics_label"]
+    assert f'stream="{label}"' in text
+    listed = client.get("/api/streams", headers=AUTH).json()["streams"]
+    assert [s["metrics_label"] for s in listed] == [label]
+    # stable while the token is (a restart keeps the series); another token, another label
+    assert f'stream="{label}"' in TestClient(create_app(manager, TOKEN)).get("/metrics").text
+    other = TestClient(create_app(manager, "another-token", metrics_keys="hash"))
+    assert label not in other.get("/metrics").text
+    # the default is the key itself
+    plain = TestClient(create_app(manager, TOKEN, metrics_keys="key")).get("/metrics").text
+    assert 'stream="secret-key"' in plain
+    with pytest.raises(FacecastError, match="FACECAST_METRICS_KEYS='names': use one of key, hash"):
+        create_app(manager, TOKEN, metrics_keys="names")
+
+
 # ---------------------------------------------------------------------------- readiness
 
 
@@ -140,7 +165,7 @@ def test_readyz_follows_the_input(manager, live_procs, tmp_path):
         source_image=FACE, input=udp_in, output=str(tmp_path / "out.ts"), stall_timeout=2
     )
     manager.start("cam", settings)
-    client = TestClient(create_app(manager, TOKEN))
+    client = TestClient(create_app(manager, TOKEN), headers=AUTH)
     assert client.get("/healthz").json() == {"status": "ok"}
 
     def ready() -> bool:
@@ -198,7 +223,7 @@ def udp_stream(manager: StreamManager, key: str, out, **settings) -> None:
 
 def test_status_times_are_utc_wall_clock_and_an_ended_stream_stays_listed(manager, tmp_path):
     handle = file_stream(manager, "cam", tmp_path / "cam.ts")  # paced: about 9 s
-    client = TestClient(create_app(manager, TOKEN))
+    client = TestClient(create_app(manager, TOKEN), headers=AUTH)
     assert wait_until(lambda: client.get("/api/streams/cam").json()["input"]["up"], 30)
     status = client.get("/api/streams/cam").json()
     # what the monotonic stamp means on the wall clock, worked out here independently
@@ -243,7 +268,7 @@ def test_status_times_are_utc_wall_clock_and_an_ended_stream_stays_listed(manage
 def test_a_failed_stream_is_listed_as_failed_until_it_expires(manager, tmp_path):
     udp_stream(manager, "ok", tmp_path / "ok.ts")
     file_stream(manager, "bad", tmp_path / "missing-folder" / "bad.ts")  # the output fails
-    client = TestClient(create_app(manager, TOKEN))
+    client = TestClient(create_app(manager, TOKEN), headers=AUTH)
     assert wait_until(lambda: client.get("/api/streams/bad").json()["state"] == "failed", 30)
     bad = client.get("/api/streams/bad").json()
     assert "missing-folder" in bad["error"] and bad["ended"] is not None

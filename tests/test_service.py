@@ -104,7 +104,7 @@ def test_two_keys_each_get_their_own_face_and_the_api_changes_only_one(
     assert bob_after["alex-lacamoire.png"] < bob["alex-lacamoire.png"]
     assert alice_after["obama.jpg"] < alice_after["alex-lacamoire.png"]  # alice kept her face
 
-    status = httpx.get(f"{base}/api/streams", timeout=10).json()["streams"]
+    status = httpx.get(f"{base}/api/streams", headers=AUTH, timeout=10).json()["streams"]
     assert sorted(s["key"] for s in status) == ["alice", "bob"]
     assert all(s["input"]["up"] and s["output"]["up"] for s in status), status
     metrics = httpx.get(f"{base}/metrics", timeout=10).text
@@ -146,7 +146,8 @@ def test_a_profile_added_through_the_api_lets_its_key_publish(service, live_proc
     assert bad.status_code == 422
     ok = httpx.put(url, params={"faces": "largest"}, content=photo, headers=auth, timeout=30)
     assert ok.status_code == 200, ok.text
-    assert httpx.get(f"{base}/api/profiles", timeout=10).json()["carol"]["faces"] == "largest"
+    listed = httpx.get(f"{base}/api/profiles", headers=auth, timeout=10).json()
+    assert listed["carol"]["faces"] == "largest"
 
     live_procs.add(publish(service.ingest.rtmp_url("live", "carol"), CLIP, loop=True))
     wait_for_stream(service.ingest.rtmp_url("swapped", "carol"), timeout=40)
@@ -175,7 +176,10 @@ def test_serve_as_a_process_stops_everything_on_sigterm(tmp_path, live_procs):
     else:
         pytest.fail(log_path.read_text()[-3000:])
     live_procs.add(publish(f"rtmp://127.0.0.1:{rtmp_port}/live/dave", CLIP, loop=True))
-    wait_for_stream(f"rtmp://127.0.0.1:{rtmp_port}/swapped/dave", timeout=40)
+    # serve listens on 0.0.0.0 (a token is set): viewers need dave's play token
+    play = httpx.get(f"{base}/api/play/dave", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert play.status_code == 200, play.text
+    wait_for_stream(play.json()["rtmp"], timeout=40)
 
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -303,7 +307,7 @@ def test_references_are_added_listed_and_cleared_through_the_api(api):
     assert [r["face"] for r in first.json()["references"]] == [None]
     second = client.post(url, json={"photo": photo, "face": face}, headers=AUTH)
     assert second.status_code == 200, second.text
-    listed = client.get("/api/profiles").json()
+    listed = client.get("/api/profiles", headers=AUTH).json()
     assert listed["alice"]["references"] == second.json()["references"]
     assert len(listed["alice"]["references"]) == 2
     assert listed["bob"]["references"] == [{"photo": "lin-manuel-miranda.png", "face": None}]
@@ -323,7 +327,7 @@ def test_references_are_added_listed_and_cleared_through_the_api(api):
     assert len(svc.profiles["alice"].references) == 2
     cleared = client.delete(url, headers=AUTH)
     assert cleared.status_code == 200, cleared.text
-    assert client.get("/api/profiles").json()["alice"]["references"] == []
+    assert client.get("/api/profiles", headers=AUTH).json()["alice"]["references"] == []
     assert svc.settings_for("alice").references == []
     assert svc.profiles["bob"].references == ((MEDIA / "lin-manuel-miranda.png", None),)
 
@@ -384,7 +388,8 @@ def test_profile_references_reach_the_stream_pipeline(api):
     settings = svc.settings_for("bob")
     assert settings.references[0] == (MEDIA / "lin-manuel-miranda.png", None)
     assert len(settings.references) == 2
-    assert settings.input == svc.ingest.rtmp_url("live", "bob")
+    # facecast's own reader: the key's URL with this run's secret (the hook checks it)
+    assert settings.input.startswith(svc.ingest.rtmp_url("live", "bob") + "?facecast=")
 
     pipeline = build_pipeline(settings, name="bob")
     assert len(pipeline.engine.references) == 2
@@ -449,7 +454,7 @@ def api_url(service: Service, path: str) -> str:
 
 
 def stream_status(service: Service, key: str) -> dict | None:
-    reply = httpx.get(api_url(service, f"/api/streams/{key}"), timeout=10)
+    reply = httpx.get(api_url(service, f"/api/streams/{key}"), headers=AUTH, timeout=10)
     return reply.json() if reply.status_code == 200 else None
 
 
@@ -487,7 +492,7 @@ def test_an_ended_stream_keeps_its_final_counts_in_the_api_and_metrics(service, 
     assert frame_counters(service, "alice") == counters
     metrics = httpx.get(api_url(service, "/metrics"), timeout=10).text
     assert "facecast_streams_active 0.0" in metrics
-    listed = httpx.get(api_url(service, "/api/streams"), timeout=10).json()["streams"]
+    listed = httpx.get(api_url(service, "/api/streams"), headers=AUTH, timeout=10).json()["streams"]
     assert [(s["key"], s["state"]) for s in listed] == [("alice", "ended")]
 
     # a new publish on the key replaces the ended entry
@@ -514,7 +519,7 @@ def test_a_face_changed_on_a_stream_survives_the_publishers_reconnect(
     )
     assert reply.status_code == 200, reply.text
     assert reply.json()["profile_updated"] is True
-    profile = httpx.get(api_url(service, "/api/profiles"), timeout=10).json()["bob"]
+    profile = httpx.get(api_url(service, "/api/profiles"), headers=AUTH, timeout=10).json()["bob"]
     assert profile["source"] != "biden.jpg" and profile["faces"] == "all"
 
     stop_process(first)
@@ -553,7 +558,9 @@ def test_deleting_a_profile_lets_its_stream_run_to_its_end_and_refuses_the_key_a
     reply = httpx.delete(url, headers=AUTH_ONLY, timeout=10)
     assert reply.status_code == 200, reply.text
     assert reply.json() == {"key": "bob", "deleted": True, "stream_running": True}
-    assert "bob" not in httpx.get(api_url(service, "/api/profiles"), timeout=10).json()
+    assert (
+        "bob" not in httpx.get(api_url(service, "/api/profiles"), headers=AUTH, timeout=10).json()
+    )
     assert httpx.delete(url, headers=AUTH_ONLY, timeout=10).status_code == 404
 
     # the running stream goes on...
@@ -610,7 +617,7 @@ def test_profile_changes_through_the_api_survive_a_restart(tmp_path):
     )
     assert reply.status_code == 200, reply.text
     assert client.delete("/api/profiles/bob", headers=AUTH).status_code == 200
-    listed = client.get("/api/profiles").json()
+    listed = client.get("/api/profiles", headers=AUTH).json()
     assert sorted(listed) == ["alice", "carol", "dave"]
     assert not list(state.rglob("*.tmp"))  # every write was moved into place whole
     svc.stop()
@@ -626,7 +633,7 @@ def test_profile_changes_through_the_api_survive_a_restart(tmp_path):
     )
     again = make_service(tmp_path, path, state)
     try:
-        relisted = TestClient(again.app).get("/api/profiles").json()
+        relisted = TestClient(again.app).get("/api/profiles", headers=AUTH).json()
         assert sorted(relisted) == ["alice", "carol", "dave"]  # bob stays deleted
         assert relisted["carol"] == listed["carol"]
         assert relisted["carol"]["faces"] == "largest" and relisted["carol"]["blend"] == "poisson"
@@ -791,3 +798,34 @@ def test_several_photos_through_the_api_become_the_profiles_source_folder(tmp_pa
         )
     finally:
         again.stop()
+
+
+def test_serve_on_loopback_can_still_ask_viewers_for_a_play_token(tmp_path, live_procs):
+    """Viewer auth is off by default on loopback; ``--viewer-auth`` turns it on there too."""
+    http_port, rtmp_port, hls_port = free_ports(3)
+    profiles = write_profiles(tmp_path, {"dave": "obama.jpg"})
+    cmd = [sys.executable, "-m", "facecast.cli", "serve", "--profiles", str(profiles)]
+    cmd += ["--host", "127.0.0.1", "--viewer-auth", "--http-port", str(http_port)]
+    cmd += ["--rtmp-port", str(rtmp_port), "--hls-port", str(hls_port)]
+    cmd += ["--state-dir", str(tmp_path / "state")]
+    env = {**os.environ, "FACECAST_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    live_procs.add(proc)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        pytest.fail(log_path.read_text()[-3000:])
+    plain = httpx.get(f"http://127.0.0.1:{hls_port}/hls/dave.m3u8", timeout=5)
+    assert plain.status_code == 403  # without auth: 404 (nothing published yet)
+    play = httpx.get(f"{base}/api/play/dave", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert play.status_code == 200 and "token=" in play.json()["rtmp"], play.text
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, log_path.read_text()[-3000:]

@@ -37,13 +37,41 @@ def read_head(path: Path, size: int = 64) -> bytes:
         raise MediaError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
 
 
+# FFmpeg's Y4M reader takes a header line of at most this many bytes, newline included
+# (MAX_YUV4_HEADER in libavformat), and says only "Header too large." in its log: the caller
+# gets a bare errno, EBUSY ("Device or resource busy") before FFmpeg 8 and EINVAL since.
+Y4M_HEADER_MAX = 128
+
+
+def y4m_header_problem(path: Path) -> str | None:
+    """What is wrong with a Y4M file's header line for FFmpeg, or None (not Y4M, or fine)."""
+    head = read_head(path, 4096)
+    if not head.startswith(b"YUV4MPEG2"):
+        return None
+    end = head.find(b"\n")
+    if 0 <= end < Y4M_HEADER_MAX:
+        return None
+    size = f"{end + 1} bytes" if end >= 0 else f"over {len(head)} bytes"
+    return (
+        f"{path}: Y4M header line is {size}, FFmpeg reads at most {Y4M_HEADER_MAX}; "
+        "rewrite the file without its X... comment fields"
+    )
+
+
 def open_input(
     path: str | Path, options: dict[str, str] | None = None
 ) -> av.container.InputContainer:
     """Open a media file with PyAV, or raise MediaError saying why it cannot be read."""
     path = require_file(path)
     try:
-        return av.open(str(path), mode="r", options=options or {})
+        try:
+            return av.open(str(path), mode="r", options=options or {})
+        except (av.FFmpegError, OSError) as exc:
+            # formats whose failure FFmpeg reports only as an errno: said in words
+            problem = y4m_header_problem(path)
+            if problem is None:
+                raise
+            raise MediaError(problem) from exc
     except av.error.InvalidDataError as exc:
         # Also what a truncated mp4 whose index (moov) was at the cut-off end gives.
         raise MediaError(

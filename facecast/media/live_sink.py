@@ -17,6 +17,37 @@ it opens) map where they would have been had they arrived on time; a jump of mor
 already written (that backlog, a replayed stretch) is dropped and counted, so the audio
 track stays continuous and in step with the picture.
 
+Media time. A file read as fast as it decodes is not a live signal: on the clock above its
+seconds would be squeezed into the fraction of a second they took to process, and most of
+its audio dropped as overlapping. With ``media_time`` the output keeps the input's own
+timestamps instead, video and audio alike, counted from the first frame (or the audio
+before it), and nothing is dropped for backing up: every ``write()`` waits for its frame.
+
+Failing for good. A file is never reopened (that would overwrite it), and a link whose
+``Backoff`` attempts are used up is not retried: from then on ``write()`` and
+``write_audio()`` raise ``MediaError``, so the run ends with the reason instead of
+streaming on into nothing. A file that failed is kept if what it holds plays (a recording
+that ran for a while, then hit a full disk: see ``_MP4``), removed if not (a header at
+most).
+
+Damaged audio. Audio is passed on as it came, so a damaged packet can reach a muxer
+(FFmpeg's demuxer makes pieces of frames of a reordered or lossy UDP input; the input drops
+the ones it can tell, see live_source). One the muxer refuses as malformed ("Invalid data
+found when processing input": MPEG-TS refuses an AAC packet under 2 bytes) is dropped and
+counted in ``audio_damaged``; it never fails the connection, which would cost every viewer
+the reconnect (a second of frames) for one audio packet.
+
+Backlog (UDP). A UDP send never blocks on a slow link: the datagrams wait in this host's
+qdisc, and once it is full the kernel drops them without a word to the sender, so
+``send_seconds`` cannot see such a link. What it does show is the socket's send queue
+(``tx_queue`` in /proc/net/udp: datagrams handed to the kernel and not yet sent on). On a
+link that carries the stream it is empty by the time the next frame is due; a link that
+cannot keeps a standing backlog there. So a UDP output binds to a local port it knows
+(``localport``) and reads that row before each frame: ``backed_up`` says the last frames
+were still waiting, and the pipeline steps its rate down on it. This sees only a bottleneck
+on this host's own egress (a shaped or saturated interface): a squeeze further along the
+path drops datagrams there, and plain UDP/MPEG-TS has no receiver reports to tell of it.
+
 Blocking. Each connection has its own worker thread that opens, encodes, muxes and closes
 its container, because PyAV opens network outputs with ``avio_open()`` and no interrupt
 callback: a TCP write to a link that went silent could block for many minutes and nothing
@@ -33,6 +64,7 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import statistics
 import tempfile
 import threading
@@ -43,9 +75,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import av
+import av.bitstream
 import av.container
 from av.video.frame import PictureType
 
@@ -75,8 +108,13 @@ MS = Fraction(1, 1000)
 TICKS_90K = Fraction(1, 90000)
 UDP_PAYLOAD = 1316  # 7 TS packets: fits one Ethernet frame with IP/UDP (and SRT) headers
 MAX_AUDIO_BACKLOG = 64  # audio jobs waiting on a slow connection before audio is dropped
+MAX_EARLY_AUDIO = 512  # media time: audio packets kept until the first frame (~10 s of AAC)
 AUDIO_WINDOW_S = 2.0
 AUDIO_JUMP_S = 1.0
+# A UDP output whose send queue holds this much when the next frame is due is backed up
+# (see "Backlog"): ~4 datagrams as the kernel counts them (each costs its buffer's size,
+# ~2.3 kB for 1316 bytes), where a link that keeps up leaves none.
+BACKLOG_BYTES = 8192
 BITS_PER_PIXEL = 0.1  # default VBV cap for capped CRF: ~0.7 Mb/s at 360p30, 2.8 Mb/s at 720p30
 
 # Every live output hands each packet to the OS at once (flush_packets): without it a file
@@ -221,9 +259,12 @@ class _Connection:
         audio: AudioParams | None,
         mark: dict[str, str] | None,
         name: str,
+        damaged: Callable[[BaseException], None],
     ):
         self.plan, self.encoder, self.audio_params, self.mark = plan, encoder, audio, mark
         self.name = name
+        self.damaged = damaged  # an audio packet dropped as damaged (see "Damaged audio")
+        self.local_port: int | None = None  # UDP: the port its socket is bound to
         self.failed: str | None = None  # set once: the connection is dead
         self.frames = 0
         self.audio_tb: Fraction | None = None
@@ -233,6 +274,8 @@ class _Connection:
         self._video: av.VideoStream | None = None
         self._audio: av.AudioStream | None = None
         self._sdp_done = False
+        # AAC into anything but MPEG-TS: ADTS headers stripped (see open())
+        self._adts: av.bitstream.BitStreamFilterContext | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -262,6 +305,12 @@ class _Connection:
         self.submit(self.close, False)
         self._jobs.put(None)
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the worker to end (after ``abandon``/``finish``);
+        True once it has, and with it every PyAV call on this connection."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def finish(self, timeout: float) -> bool:
         """Flush and close, waiting up to ``timeout`` s; True if it completed."""
         job = self.submit(self.close, True)
@@ -289,9 +338,12 @@ class _Connection:
         if plan.bridge:
             self.bridge = Bridge(plan.bridge)
             self.bridge.start()
+        target = plan.target
+        if plan.kind == "udp":
+            target, self.local_port = _with_local_port(target)
         try:
             self._container = av.open(
-                plan.target, mode="w", format=plan.format, options=dict(plan.options)
+                target, mode="w", format=plan.format, options=dict(plan.options)
             )
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise MediaError(_describe(exc)) from exc
@@ -312,6 +364,15 @@ class _Connection:
         out.start_encoding()
         if self._audio is not None:
             self.audio_tb = Fraction(self._audio.time_base)
+            if self._audio.codec_context.name == "aac" and plan.format != "mpegts":
+                # MPEG-TS input carries AAC as ADTS, a header on every packet; MP4, Matroska
+                # and FLV want the bare frames (the configuration is in the header, see
+                # AudioParams). FFmpeg's muxers are meant to insert this filter themselves
+                # but MP4 with empty_moov refused the first packet ("Malformed AAC
+                # bitstream") and the recording ended 0.1 s in. Bare frames pass unchanged.
+                self._adts = av.bitstream.BitStreamFilterContext(
+                    "aac_adtstoasc", in_stream=self._audio
+                )
         if plan.sdp_path is not None:
             _write_sdp(plan, None)
 
@@ -373,7 +434,7 @@ class _Connection:
         if self.plan.delimit_frames:
             packets = [with_trailing_aud(p) for p in packets]
         if packets:
-            self._container.mux(packets)
+            self._mux(packets)
             if keyframe and not self._sdp_done and self.plan.sdp_path is not None:
                 _write_sdp(self.plan, bytes(packets[0]))
                 self._sdp_done = True
@@ -388,7 +449,28 @@ class _Connection:
         packet.pts = packet.dts = ticks
         if duration:
             packet.duration = duration
-        self._container.mux(packet)
+        packets = [packet]
+        if self._adts is not None:
+            try:
+                packets = self._adts.filter(packet)
+            except av.FFmpegError as exc:
+                self.damaged(exc)  # its ADTS header: dropped, the recording goes on
+                return
+        for out in packets:
+            out.stream = self._audio
+        self._mux(packets)
+
+    def _mux(self, packets: list[av.Packet]) -> None:
+        """Mux; a packet the muxer refuses as malformed is dropped, not a failed link."""
+        assert self._container is not None
+        try:
+            self._container.mux(packets)
+        except av.error.InvalidDataError as exc:
+            # A link's failures come as OSError (EIO, EPIPE, ECONNREFUSED); this is one
+            # packet's content (see "Damaged audio"). Counted as audio even from a video
+            # write: the muxer interleaves, so it may be writing an audio packet queued
+            # earlier, and audio is the one stream facecast does not make itself.
+            self.damaged(exc)
 
     def close(self, flush: bool) -> None:
         try:
@@ -451,9 +533,11 @@ class StreamSink:
 
     State for metrics and the pipeline: ``connected``, ``state_since``, ``reconnects``,
     ``frames`` (written), ``dropped`` (frames not sent: no connection, or it failed),
-    ``audio_packets``, ``audio_dropped``, ``send_seconds`` (the last frame's encode + mux
-    time as ``write()`` saw it; ``send_seconds_avg`` smooths it: rising towards the frame
-    interval means the link is backing up).
+    ``audio_packets``, ``audio_dropped``, ``audio_damaged`` (dropped as damaged: see
+    "Damaged audio"), ``send_seconds`` (the last frame's encode + mux time as ``write()``
+    saw it; ``send_seconds_avg`` smooths it: rising towards the frame interval means the
+    link is backing up), and for UDP ``send_queue`` (bytes still queued on this host when
+    the last frame was due, None if unknown) and ``backed_up`` (see "Backlog").
     """
 
     def __init__(
@@ -474,7 +558,11 @@ class StreamSink:
         open_timeout: float = 5.0,
         write_timeout: float = 2.0,
         connect_wait: float = 1.0,
+        media_time: bool = False,
     ):
+        """``media_time``: the input is a file read as fast as it decodes, not a live
+        signal, so the output keeps the input's own timestamps (relative to its start)
+        instead of the clock at ``write()``; see "Media time" in the module docstring."""
         self.url = str(url)
         self.name = redact(self.url)
         self.width, self.height, rate = output_geometry(self.name, width, height, fps)
@@ -495,6 +583,7 @@ class StreamSink:
         if audio is not None and not self.plan.audio:
             log.info("%s: %s carries video only; audio is not sent", self.name, self.plan.kind)
         self.mark = mark
+        self.media_time = media_time
         self.backoff = backoff or Backoff()
         self.open_timeout, self.write_timeout = open_timeout, write_timeout
 
@@ -505,8 +594,11 @@ class StreamSink:
         self.dropped = 0
         self.audio_packets = 0
         self.audio_dropped = 0
+        self.audio_damaged = 0
         self.send_seconds = 0.0
         self.send_seconds_avg = 0.0
+        self.send_queue: int | None = None
+        self.backed_up = False
 
         self._t0 = time.monotonic()  # output time 0
         self._last_pts: int | None = None
@@ -517,8 +609,14 @@ class StreamSink:
         self._audio_clock = _AudioClock()
         self._audio_end: float | None = None  # output seconds where written audio ends
         self._last_audio_duration = 0.0
+        # media time: the input time that is output time 0 (set by the first frame), the
+        # last frame's input time, and the audio that came before the first frame
+        self._origin: float | None = None
+        self._last_media: float | None = None
+        self._early_audio: list[AudioChunk] = []
 
         self._conn: _Connection | None = None
+        self._abandoned: list[_Connection] = []  # closing in the background; see close()
         self._lock = threading.Lock()
         self._closed = False
         self._wake = threading.Event()  # connection lost, or closing
@@ -527,6 +625,7 @@ class StreamSink:
         self._supervisor = threading.Thread(
             target=self._supervise, name="facecast-output-connect", daemon=True
         )
+        before = _file_state(self.plan)
         self._supervisor.start()
         # A file opens at once or never; a network peer gets a moment before frames drop.
         wait = self.open_timeout + 1.0 if self.plan.kind == "file" else connect_wait
@@ -534,6 +633,13 @@ class StreamSink:
         if self._fatal is not None:
             self._closed = True
             self._wake.set()
+            self._supervisor.join(self.open_timeout)
+            for conn in self._abandoned:  # the failed connection, closed on its worker
+                conn.join(self.open_timeout)
+            if before != _file_state(self.plan) and not _plays(Path(self.plan.target)):
+                # a header, or nothing, that the failed open wrote: not a recording (a file
+                # the open never touched is the user's, whatever it holds)
+                Path(self.plan.target).unlink(missing_ok=True)
             raise MediaError(f"{self.name}: cannot write ({self._fatal})")
 
     # ------------------------------------------------------------------ writing
@@ -545,18 +651,24 @@ class StreamSink:
             return
         now = time.monotonic()
         self._latency.append(now - frame.t_ingest)
+        at = self._frame_time(frame) if self.media_time else now - self._t0
         conn = self._usable()
         if conn is None:
             self.dropped += 1
+            self._raise_if_fatal()
             return
+        if conn.local_port is not None:
+            # what the frames before are still waiting for, now that this one is due
+            self.send_queue = udp_send_queue(conn.local_port)
+            self.backed_up = self.send_queue is not None and self.send_queue >= BACKLOG_BYTES
         image, _ = fit_image(frame.image, self.width, self.height)
         vf = bgr_to_video_frame(image)
-        vf.pts = self._next_pts(now)
+        vf.pts = self._next_pts(at)
         vf.time_base = self.time_base
         if (
             self._force_key
             or conn.frames == 0
-            or (self._last_key_at is not None and now - self._last_key_at >= self._keyint_s)
+            or (self._last_key_at is not None and at - self._last_key_at >= self._keyint_s)
         ):
             # Keyframes by the clock, not by frame count, so a lowered frame rate does not
             # stretch the time a new viewer waits for a picture.
@@ -568,26 +680,54 @@ class StreamSink:
         if not job.done.wait(self.write_timeout):
             self._lose(conn, f"a frame took more than {self.write_timeout:g} s to send")
             self.dropped += 1
+            self._raise_if_fatal()
             return
         if job.error is not None:
             self._lose(conn, _describe(job.error))
             self.dropped += 1
+            self._raise_if_fatal()
             return
         _, keyframe = job.result
         elapsed = time.perf_counter() - job.submitted
         self.send_seconds = elapsed
         self.send_seconds_avg += 0.1 * (elapsed - self.send_seconds_avg)
         if keyframe:
-            self._last_key_at = now
+            self._last_key_at = at
         self.frames += 1
+        if self._early_audio:  # media time: the audio from before this first frame
+            early, self._early_audio = self._early_audio, []
+            for chunk in early:
+                self.write_audio(chunk)
+
+    def _frame_time(self, frame: Frame) -> float:
+        """Media time: the frame's output time, from its input timestamp. The first frame
+        (or audio that came before it) is time 0."""
+        t = frame.seconds
+        if t is None:  # no timestamp: the next one at the frame rate
+            t = 0.0 if self._last_media is None else self._last_media + 1 / float(self.fps)
+        self._last_media = t
+        if self._origin is None:
+            self._origin = min([t, *(_chunk_time(c) for c in self._early_audio)])
+        return t - self._origin
 
     def write_audio(self, chunk: AudioChunk) -> None:
         """Remux one audio packet onto the output timeline (dropped if it would overlap
         audio already sent, or if there is no connection)."""
         if self._closed or self._audio_params is None:
             return
-        latency = statistics.median(self._latency) if self._latency else 0.0
-        start = self._audio_clock.wall_time(chunk) + latency - self._t0
+        if self.media_time:
+            if self._origin is None:
+                # before the first frame: kept until that frame sets time 0 (bounded: an
+                # input whose video never starts must not fill the memory)
+                if len(self._early_audio) < MAX_EARLY_AUDIO:
+                    self._early_audio.append(chunk)
+                else:
+                    self.audio_dropped += 1
+                return
+            start = _chunk_time(chunk) - self._origin
+        else:
+            latency = statistics.median(self._latency) if self._latency else 0.0
+            start = self._audio_clock.wall_time(chunk) + latency - self._t0
         duration = float(chunk.duration * chunk.time_base) if chunk.duration else 0.0
         duration = duration or self._last_audio_duration
         self._last_audio_duration = duration
@@ -598,8 +738,12 @@ class StreamSink:
         if end is not None and start < end:
             start = end  # a few ms early: butt it against the previous packet
         conn = self._usable()
-        if conn is None or conn.audio_tb is None or conn.pending > MAX_AUDIO_BACKLOG:
+        # a live link that backs up drops audio; a file (media time) is waited for by
+        # every write() and never does
+        backlog = not self.media_time and conn is not None and conn.pending > MAX_AUDIO_BACKLOG
+        if conn is None or conn.audio_tb is None or backlog:
             self.audio_dropped += 1
+            self._raise_if_fatal()
             return
         ticks = round(start / conn.audio_tb)
         if conn.last_audio_ticks is not None and ticks <= conn.last_audio_ticks:
@@ -644,6 +788,8 @@ class StreamSink:
 
     def _lose(self, conn: _Connection, reason: str) -> None:
         conn.fail(reason)
+        if not self.plan.reconnect and self._fatal is None:
+            self._fatal = conn.failed or reason  # a file is never reopened: the end
         with self._lock:
             if self._conn is conn:
                 self._wake.set()
@@ -657,7 +803,9 @@ class StreamSink:
                 return
             if not first:
                 self.reconnects += 1
-            conn = _Connection(self.plan, self._encoder, self._audio_params, self.mark, self.name)
+            conn = _Connection(
+                self.plan, self._encoder, self._audio_params, self.mark, self.name, self._damaged
+            )
             job = conn.submit(conn.open)
             done = self._wait(job, self.open_timeout)
             if done and job.error is None:
@@ -666,7 +814,7 @@ class StreamSink:
                     if published:
                         self._conn = conn
                 if not published:
-                    conn.abandon()
+                    self._abandon(conn)
                     return
                 self._set_state(True, "connected")
                 self._first_attempt.set()
@@ -677,7 +825,7 @@ class StreamSink:
                 if self._closed:
                     return  # close() took this connection and flushes it
                 reason = conn.failed or "lost"
-                conn.abandon()
+                self._abandon(conn)
                 self._set_state(False, f"lost ({reason})")
                 if conn.frames:
                     self.backoff.reset()
@@ -685,7 +833,7 @@ class StreamSink:
                 reason = _describe(job.error) if job.error else "no answer"
                 if not done:
                     reason = f"no answer within {self.open_timeout:g} s"
-                conn.abandon()
+                self._abandon(conn)
                 if self._closed:
                     return
                 if first and not self.plan.reconnect:
@@ -696,16 +844,33 @@ class StreamSink:
             first = False
             self._first_attempt.set()
             if not self.plan.reconnect:
-                log.error("%s: output failed; a file output is not reopened", self.name)
+                self._fatal = self._fatal or reason
                 return
             delay = self.backoff.next_delay()
             if delay is None:
-                log.error("%s: giving up after %d attempts", self.name, self.backoff.attempts)
+                self._fatal = f"gave up after {self.backoff.attempts} attempts: {reason}"
                 return
             log.info("%s: retry in %.1f s", self.name, delay)
             end = time.monotonic() + delay
             while not self._closed and time.monotonic() < end:
                 time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+    def _damaged(self, exc: BaseException) -> None:
+        """A connection's worker dropped a damaged audio packet."""
+        self.audio_damaged += 1
+        if self.audio_damaged <= 5 or self.audio_damaged % 1000 == 0:
+            log.warning(
+                "%s: dropped a damaged audio packet (%s; %d so far)",
+                self.name,
+                _describe(exc),
+                self.audio_damaged,
+            )
+
+    def _raise_if_fatal(self) -> None:
+        """The output failed for good (a file, which is never reopened, or a link whose
+        reconnects are used up): the caller's run must end, not stream on into nothing."""
+        if self._fatal is not None:
+            raise MediaError(f"{self.name}: cannot write ({self._fatal})")
 
     def _wait(self, job: _Job, timeout: float) -> bool:
         """Wait for ``job`` up to ``timeout`` s, giving up early when the sink closes."""
@@ -727,8 +892,9 @@ class StreamSink:
 
     # ------------------------------------------------------------------ timing
 
-    def _next_pts(self, now: float) -> int:
-        pts = round((now - self._t0) / self.time_base)
+    def _next_pts(self, at: float) -> int:
+        """``at``: output seconds."""
+        pts = round(at / self.time_base)
         if self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1
         self._last_pts = pts
@@ -745,14 +911,35 @@ class StreamSink:
             conn = self._conn
             self._conn = None
             self._wake.set()
+        deadline = time.monotonic() + timeout
         self._supervisor.join(timeout)
         if conn is not None and conn.failed is None:
             if not conn.finish(timeout):
                 log.warning("%s: output did not close within %g s", self.name, timeout)
         elif conn is not None:
-            conn.abandon()
+            self._abandon(conn)
+        # Connections given up on close on their own workers: waited for (within the same
+        # deadline) so that no thread is still inside PyAV when the process exits.
+        for old in self._abandoned:
+            old.join(max(0.0, deadline - time.monotonic()))
+        if self._fatal is not None and self.plan.kind == "file":
+            self._drop_unplayable()
         if self.connected:
             self._set_state(False, "closed", logging.INFO)
+
+    def _abandon(self, conn: _Connection) -> None:
+        conn.abandon()
+        self._abandoned = [c for c in self._abandoned if not c.join(0)]
+        self._abandoned.append(conn)
+
+    def _drop_unplayable(self) -> None:
+        """A file that failed for good: what it holds is kept if it plays (a recording
+        that ran for a while and then hit a full disk), removed if not (a header at most)."""
+        path = Path(self.plan.target)
+        if _plays(path):
+            log.warning("%s: kept what was recorded before the failure", self.name)
+        else:
+            path.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamSink:
         return self
@@ -794,6 +981,68 @@ def _write_sdp(plan: OutputPlan, keyframe: bytes | None) -> None:
     tmp.replace(path)  # atomic: a receiver never reads half a file
 
 
+def _with_local_port(target: str) -> tuple[str, int | None]:
+    """A UDP ``target`` bound to a local port known in advance: the URL's own ``localport``,
+    or one free now (another process could take it before FFmpeg binds it: that open fails
+    and the next attempt picks another). Its socket is then the row of /proc/net/udp with
+    that port; FFmpeg does not say which socket it opened."""
+    given = dict(parse_qsl(urlsplit(target).query)).get("localport")
+    if given is not None:
+        return target, int(given) if given.isdigit() else None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("", 0))
+        port = int(sock.getsockname()[1])
+    return with_query(target, {"localport": str(port)}), port
+
+
+def udp_send_queue(port: int) -> int | None:
+    """Bytes this host still holds for the UDP socket bound to local ``port``: the
+    ``tx_queue`` column of /proc/self/net/udp (and udp6), the kernel's sk_wmem_alloc,
+    which counts datagrams not yet sent on, mostly those waiting in the qdisc. None if
+    there is no such socket (or no /proc: not Linux)."""
+    queued: int | None = None
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        try:
+            with open(table) as rows:
+                next(rows, None)  # the header
+                for row in rows:
+                    # sl local_address rem_address st tx_queue:rx_queue ...
+                    fields = row.split()
+                    if len(fields) > 4 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        tx = int(fields[4].split(":", 1)[0], 16)
+                        queued = tx if queued is None else max(queued, tx)
+        except (OSError, ValueError):
+            continue
+    return queued
+
+
+def _file_state(plan: OutputPlan) -> tuple[int, int] | None:
+    """A file output's size and mtime, None if absent (or not a file): tells whether a
+    failed open wrote it."""
+    if plan.kind != "file":
+        return None
+    try:
+        st = os.stat(plan.target)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _plays(path: Path) -> bool:
+    """Whether ``path`` holds at least one decodable video frame."""
+    try:
+        with av.open(str(path)) as container:
+            return next(container.decode(video=0), None) is not None
+    except (av.FFmpegError, OSError, ValueError, IndexError):
+        return False
+
+
+def _chunk_time(chunk: AudioChunk) -> float:
+    """An audio packet's input time in seconds (the source hands on none without one)."""
+    ts = chunk.pts if chunk.pts is not None else chunk.dts
+    return float((ts or 0) * chunk.time_base)
+
+
 def _annexb_nals(data: bytes) -> list[bytes]:
     out = []
     for chunk in data.split(b"\x00\x00\x01"):
@@ -808,4 +1057,4 @@ def _describe(exc: BaseException) -> str:
     return str(text).split(": '", 1)[0]
 
 
-__all__ = ["OutputPlan", "StreamSink", "plan_output"]
+__all__ = ["OutputPlan", "StreamSink", "plan_output", "udp_send_queue"]

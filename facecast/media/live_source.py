@@ -70,7 +70,7 @@ import av.container
 import numpy as np
 
 from facecast.errors import MediaError
-from facecast.media._io import require_file
+from facecast.media._io import open_input
 from facecast.media.backoff import Backoff
 from facecast.media.frame import AudioChunk, Frame
 from facecast.media.h264 import is_lone_aud
@@ -137,9 +137,20 @@ class AudioParams:
 
     @classmethod
     def from_stream(cls, stream: av.AudioStream) -> AudioParams:
+        ctx = stream.codec_context
+        extradata = bytes(ctx.extradata or b"")
+        if ctx.name == "aac" and not extradata:
+            # ADTS (MPEG-TS, raw .aac): the configuration travels in every packet's header
+            # and the stream has none, but MP4 with empty_moov and live Matroska write it
+            # into their header before any packet ("Malformed AAC bitstream" / "Error
+            # parsing AAC extradata"): built here from the probed parameters. The sink
+            # strips the ADTS headers (aac_adtstoasc, see live_sink._Connection.open).
+            extradata = adts_config(ctx) or b""
         buf = io.BytesIO()
         with av.open(buf, "w", format="nut") as out:
             copy = out.add_stream_from_template(stream)
+            if extradata:
+                copy.codec_context.extradata = extradata
             # A reader needs one packet to accept the file; its content is never decoded
             # by the sink (only the stream parameters are copied).
             dummy = av.Packet(b"\x00" * 8)
@@ -147,16 +158,42 @@ class AudioParams:
             dummy.time_base = stream.time_base
             dummy.stream = copy
             out.mux(dummy)
-        ctx = stream.codec_context
         return cls(
             codec=ctx.name,
             sample_rate=int(ctx.sample_rate or 0),
             layout=ctx.layout.name if ctx.layout else "",
             channels=ctx.layout.nb_channels if ctx.layout else 0,
-            extradata=bytes(ctx.extradata or b""),
+            extradata=extradata,
             time_base=Fraction(stream.time_base or Fraction(1, ctx.sample_rate or 48000)),
             template=buf.getvalue(),
         )
+
+
+# MPEG-4 audio sampling frequency indices (ISO/IEC 14496-3, table 1.18)
+_AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
+_AAC_RATES += (7350,)  # index 12, the last one in use
+# The object types an ADTS header can name (its 2-bit profile + 1), by FFmpeg's profile name
+_ADTS_OBJECT_TYPES = {"Main": 1, "LC": 2, "SSR": 3, "LTP": 4}
+
+
+def adts_config(ctx: av.AudioCodecContext) -> bytes | None:
+    """The AudioSpecificConfig of an ADTS AAC stream, from its probed parameters: what
+    ``aac_adtstoasc`` builds from the first packet's header, known before any packet.
+    None for what cannot be told apart this way (a rate or layout outside the table)."""
+    rate, channels = int(ctx.sample_rate or 0), ctx.layout.nb_channels if ctx.layout else 0
+    profile = ctx.profile or "LC"
+    if profile in ("HE-AAC", "HE-AACv2"):
+        # The ADTS header describes the LC core (half the rate; v2: mono) and leaves SBR
+        # and PS implicit, which FFmpeg's probe reports as the decoded result.
+        channels = 1 if profile == "HE-AACv2" else channels
+        profile, rate = "LC", rate // 2
+    object_type = _ADTS_OBJECT_TYPES.get(profile)
+    channel_config = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 8: 7}.get(channels)
+    if object_type is None or rate not in _AAC_RATES or channel_config is None:
+        return None
+    # 5 bits object type, 4 bits rate index, 4 bits channels, 3 zero flags (GASpecificConfig)
+    value = object_type << 11 | _AAC_RATES.index(rate) << 7 | channel_config << 3
+    return value.to_bytes(2, "big")
 
 
 # ---------------------------------------------------------------------------- input plans
@@ -274,13 +311,27 @@ def free_udp_port() -> int:
 
 
 def redact(url: str) -> str:
-    """``url`` for logs: user:password@ is dropped."""
+    """``url`` for logs: user:password@ is dropped and every query value is masked.
+
+    Secrets ride in query strings (a stream key or token, an SRT passphrase, the secret
+    facecast's own workers add as ``?facecast=``) and a value's name does not tell which
+    ones are secret, so none is shown; the names stay, to show which options were given.
+    """
     parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
+    if parts.password is None and parts.username is None and not parts.query:
         return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None or parts.username is not None:
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # IPv6 keeps its brackets
+        netloc = f"{host}:{parts.port}" if parts.port else host
+    # a bare item (no "=") may be a value on its own: masked as well
+    query = "&".join(
+        f"{item.split('=', 1)[0]}=…" if "=" in item else "…"
+        for item in parts.query.split("&")
+        if item
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 # ---------------------------------------------------------------------------- SRT bridge
@@ -482,7 +533,11 @@ class StreamSource:
         self.backoff = backoff or Backoff()
         self.plan = plan_input(self.url, open_timeout=open_timeout, stall_timeout=stall_timeout)
         if self.plan.kind == "file":
-            require_file(self.plan.target)  # a missing file will not appear by retrying
+            # A file that cannot be read (missing, corrupt, no video) will not become
+            # readable by retrying: said now, in words, instead of retried forever.
+            with open_input(self.plan.target) as probe:
+                if not probe.streams.video:
+                    raise MediaError(f"{self.plan.target}: no video stream")
 
         self.connected = False
         self.state_since = time.monotonic()
@@ -613,6 +668,8 @@ class StreamSource:
                 self.connected = False
                 self.state_since = time.monotonic()
             handoff.finish()
+            # the last thing this thread does: its container is closed (see join())
+            log.debug("%s: input reader done", self.name)
 
     def _open(self, halted: Halted) -> _Session:
         plan = self.plan
@@ -770,6 +827,9 @@ class StreamSource:
             streams.append(audio)
         live = self.plan.live
         pace = _Pacer() if self.realtime and not live else None
+        # AAC with no configuration in the stream (MPEG-TS, raw .aac) is ADTS: each packet
+        # must then be whole ADTS frames, which tells a damaged packet from a good one
+        adts = audio is not None and _is_adts(audio)
         last_video = time.monotonic()  # the frame clock starts at connect
         errors = 0
         while True:
@@ -790,7 +850,12 @@ class StreamSource:
                                 return None
                     elif packet.size:
                         chunk = _chunk(packet)
-                        if chunk is not None:
+                        if chunk is not None and adts and not _whole_adts_frames(chunk.data):
+                            # Pieces of frames: what FFmpeg's parser makes of reordered or
+                            # lost TS packets. Undecodable, and a one-byte piece is refused
+                            # by the MPEG-TS muxer: dropped here, before any output.
+                            self._bad("damaged audio packet (not whole ADTS frames)")
+                        elif chunk is not None:
                             self.audio_chunks += 1
                             if not handoff.put(chunk, halted):
                                 return None
@@ -921,6 +986,27 @@ def _chunk(packet: av.Packet) -> AudioChunk | None:
         duration=packet.duration or None,
         t_ingest=time.monotonic(),
     )
+
+
+def _is_adts(audio: av.AudioStream) -> bool:
+    ctx = audio.codec_context
+    return ctx.name == "aac" and not ctx.extradata
+
+
+def _whole_adts_frames(data: bytes) -> bool:
+    """Whether ``data`` is one or more complete ADTS frames: each starts with the sync word
+    and its header's frame length (13 bits, header included) lands on the next one or
+    exactly on the end."""
+    at = 0
+    while at < len(data):
+        header = data[at : at + 7]
+        if len(header) < 7 or header[0] != 0xFF or header[1] & 0xF6 != 0xF0:
+            return False  # no sync word (or layer != 0): not the start of a frame
+        length = (header[3] & 0x03) << 11 | header[4] << 3 | header[5] >> 5
+        if length < 7:
+            return False
+        at += length
+    return at == len(data) and at > 0
 
 
 def _stream_fps(video: av.VideoStream, prefer_guess: bool) -> Fraction | None:

@@ -357,10 +357,13 @@ class VideoFileSink:
 
     def _discard(self) -> None:
         self._closed = True
-        # The file is being thrown away: a failure to write its trailer does not matter.
+        # Unlinked first: the trailer then goes into a file that is already gone, and
+        # faststart's second pass (a copy of the whole file, seconds for a long one) fails
+        # at once when it reopens the name, so a stopped run ends promptly. A failure to
+        # finish a file that is being thrown away does not matter.
+        self._tmp.unlink(missing_ok=True)
         with contextlib.suppress(av.FFmpegError, OSError):
             self._container.close()
-        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoFileSink:
         return self
