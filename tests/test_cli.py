@@ -45,14 +45,22 @@ BIDEN_FACE = np.array([427, 230, 751, 554])  # FaceAnalyser(tiles=True) on biden
 # ---------------------------------------------------------------------------- running
 
 
-def facecast(*args: object, timeout: float = IMAGE_TIMEOUT) -> subprocess.CompletedProcess:
-    """``facecast ARGS`` in a fresh interpreter, from the repository root."""
+def facecast_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "facecast.cli", *map(str, args)]
+
+
+def facecast(
+    *args: object, timeout: float = IMAGE_TIMEOUT, **options: object
+) -> subprocess.CompletedProcess:
+    """``facecast ARGS`` in a fresh interpreter, from the repository root; ``options`` go to
+    subprocess.run (``env``, ``preexec_fn``...)."""
     return subprocess.run(
-        [sys.executable, "-m", "facecast.cli", *map(str, args)],
+        facecast_command(*args),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        **options,  # type: ignore[arg-type]
     )
 
 

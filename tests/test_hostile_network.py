@@ -12,7 +12,6 @@ import io
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from facecast.media.live_sink import StreamSink, udp_send_queue
 from facecast.media.live_source import AudioParams, StreamSource, free_udp_port, redact
 from facecast.pipeline import SwapEngine
 from tests import live_helpers
-from tests.live_helpers import FFMPEG, process_log, publish, wait_until
+from tests.live_helpers import FFMPEG, process_log, publish, stop_process, wait_until
 
 from .conftest import MEDIA, REPO
 
@@ -81,20 +80,16 @@ def reordered(data: bytes, plan: ReorderPlan) -> bytes:
     return b"".join(out + plan.flush())
 
 
-class ReorderingRelay:
-    """A UDP relay that cuts what it receives into ``UNIT``-byte pieces (by stream offset,
-    whatever sizes the sender's datagrams had) and forwards them in ``plan``'s order."""
+class UdpListener:
+    """A UDP socket on loopback with a thread that hands every datagram to ``received``
+    (subclasses say what to do with it) until ``close``."""
 
-    def __init__(self, target: tuple[str, int], plan: ReorderPlan) -> None:
-        self.target, self.plan = target, plan
-        self.received = bytearray()
-        self._pending = bytearray()
-        self._inbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._inbound.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self._inbound.bind(("127.0.0.1", 0))
-        self._inbound.settimeout(0.2)
-        self.port = self._inbound.getsockname()[1]
-        self._outbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -102,21 +97,42 @@ class ReorderingRelay:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self._inbound.recv(65536)
+                data = self.sock.recv(65536)
             except TimeoutError:
                 continue
-            self.received += data
-            self._pending += data
-            while len(self._pending) >= UNIT:
-                unit = bytes(self._pending[:UNIT])
-                del self._pending[:UNIT]
-                for out in self.plan.push(unit):
-                    self._outbound.sendto(out, self.target)
+            self.on_datagram(data)
+
+    def on_datagram(self, data: bytes) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
-        self._inbound.close()
+        self.sock.close()
+
+
+class ReorderingRelay(UdpListener):
+    """A UDP relay that cuts what it receives into ``UNIT``-byte pieces (by stream offset,
+    whatever sizes the sender's datagrams had) and forwards them in ``plan``'s order."""
+
+    def __init__(self, target: tuple[str, int], plan: ReorderPlan) -> None:
+        self.target, self.plan = target, plan
+        self.received = bytearray()
+        self._pending = bytearray()
+        self._outbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        super().__init__()
+
+    def on_datagram(self, data: bytes) -> None:
+        self.received += data
+        self._pending += data
+        while len(self._pending) >= UNIT:
+            unit = bytes(self._pending[:UNIT])
+            del self._pending[:UNIT]
+            for out in self.plan.push(unit):
+                self._outbound.sendto(out, self.target)
+
+    def close(self) -> None:
+        super().close()
         self._outbound.close()
 
 
@@ -160,31 +176,15 @@ def udp_port_bound(port: int) -> bool:
     return False
 
 
-class Viewer:
+class Viewer(UdpListener):
     """A UDP receiver that keeps everything it is sent, for decoding afterwards."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.data = bytearray()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.data += self.sock.recv(65536)
-            except TimeoutError:
-                continue
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
+    def on_datagram(self, data: bytes) -> None:
+        self.data += data
 
     def video_frames(self) -> int:
         """How many video frames a player decodes of what came (skipping what it cannot,
@@ -368,12 +368,7 @@ def test_a_udp_output_squeezed_on_this_host_steps_its_rate_down(tmp_path):
         assert "output backed up" in log_path.read_text()
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc, 10)
         subprocess.run(["ip", "netns", "del", namespace], timeout=10, check=False)
 
 
@@ -445,12 +440,7 @@ def test_a_url_secret_stays_out_of_the_stream_log(tmp_path):
             log_path.read_text(errors="replace")
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 10)
     text = log_path.read_text(errors="replace")
     assert "live/alice" in text  # the input is named...
     assert secret not in text, text  # ...without its secret

@@ -14,7 +14,6 @@ import random
 import resource
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
+from .test_cli import facecast as run_facecast
+from .test_cli import facecast_command
 
 FACE = REPO / "examples" / "obama.jpg"
 RUN_TIMEOUT = 120  # one short clip: ~2 s, most of it start-up
@@ -40,17 +41,18 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 
-def facecast(*args: object, timeout: float = RUN_TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
-    """``facecast ARGS`` in a fresh interpreter, from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", "facecast.cli", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env(),
-        **kwargs,
-    )
+def facecast(*args: object, timeout: float = RUN_TIMEOUT, **options) -> subprocess.CompletedProcess:
+    """``facecast ARGS`` run to the end (test_cli's runner, with faulthandler on)."""
+    return run_facecast(*args, timeout=timeout, env=env(), **options)
+
+
+def start_facecast(args: list[object], log_path: Path, **options) -> subprocess.Popen:
+    """``facecast ARGS`` started in the background, its output (both streams) to
+    ``log_path``."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            facecast_command(*args), cwd=REPO, stdout=log, stderr=log, env=env(), **options
+        )
 
 
 def make_clip(
@@ -274,15 +276,7 @@ def test_a_signal_stops_a_video_swap_and_leaves_nothing(long_video, tmp_path, na
     folder.mkdir()
     log_path = tmp_path / "swap.log"
     args = ["swap", "-s", FACE, "-t", long_video, "-o", folder / "swapped.mp4"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "facecast.cli", *map(str, args)],
-            cwd=REPO,
-            stdout=log,
-            stderr=log,
-            env=env(),
-            preexec_fn=_ignore_sigint if sigint_ignored else None,
-        )
+    proc = start_facecast(args, log_path, preexec_fn=_ignore_sigint if sigint_ignored else None)
     try:
         # under way once its (hidden, temporary) output file exists
         assert wait_until(lambda: any(folder.iterdir()) or proc.poll() is not None, 120)
@@ -360,14 +354,7 @@ def _stop_once(url: str, folder: Path, rng: random.Random) -> str | None:
     folder.mkdir()
     log_path = folder / "stream.log"
     args = ["--log-level", "debug", "stream", "-s", FACE, "-i", url, "-o", folder / "out.ts"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "facecast.cli", *map(str, args)],
-            cwd=REPO,
-            stdout=log,
-            stderr=log,
-            env=env(),
-        )
+    proc = start_facecast(args, log_path)
     delay = -1.0
     try:
         # the handlers are in place once it says it is streaming; then opening the input,

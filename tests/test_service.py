@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import httpx
@@ -154,27 +155,33 @@ def test_a_profile_added_through_the_api_lets_its_key_publish(service, live_proc
     assert [h.key for h in service.manager.handles()] == ["carol"]
 
 
-def test_serve_as_a_process_stops_everything_on_sigterm(tmp_path, live_procs):
-    http_port, rtmp_port, hls_port = free_ports(3)
+def start_serve(tmp_path, live_procs, *flags: str) -> tuple[subprocess.Popen, Path, dict]:
+    """``facecast serve`` as a process with dave's profile and the API token, ready (its
+    /readyz answers 200): the process, its log and its ports."""
+    ports = dict(zip(("http", "rtmp", "hls"), free_ports(3), strict=True))
     profiles = write_profiles(tmp_path, {"dave": "obama.jpg"})
-    cmd = [sys.executable, "-m", "facecast.cli", "serve", "--profiles", str(profiles)]
-    cmd += ["--http-port", str(http_port), "--rtmp-port", str(rtmp_port)]
-    cmd += ["--hls-port", str(hls_port), "--state-dir", str(tmp_path / "state")]
+    cmd = [sys.executable, "-m", "facecast.cli", "serve", "--profiles", str(profiles), *flags]
+    cmd += ["--http-port", str(ports["http"]), "--rtmp-port", str(ports["rtmp"])]
+    cmd += ["--hls-port", str(ports["hls"]), "--state-dir", str(tmp_path / "state")]
     env = {**os.environ, "FACECAST_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     live_procs.add(proc)
-    base = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
+            if httpx.get(f"http://127.0.0.1:{ports['http']}/readyz", timeout=2).status_code == 200:
+                return proc, log_path, ports
         except httpx.HTTPError:
             time.sleep(0.3)
-    else:
-        pytest.fail(log_path.read_text()[-3000:])
+    pytest.fail(log_path.read_text()[-3000:])
+
+
+def test_serve_as_a_process_stops_everything_on_sigterm(tmp_path, live_procs):
+    proc, log_path, ports = start_serve(tmp_path, live_procs)
+    http_port, rtmp_port = ports["http"], ports["rtmp"]
+    base = f"http://127.0.0.1:{http_port}"
     live_procs.add(publish(f"rtmp://127.0.0.1:{rtmp_port}/live/dave", CLIP, loop=True))
     # serve listens on 0.0.0.0 (a token is set): viewers need dave's play token
     play = httpx.get(f"{base}/api/play/dave", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -802,30 +809,15 @@ def test_several_photos_through_the_api_become_the_profiles_source_folder(tmp_pa
 
 def test_serve_on_loopback_can_still_ask_viewers_for_a_play_token(tmp_path, live_procs):
     """Viewer auth is off by default on loopback; ``--viewer-auth`` turns it on there too."""
-    http_port, rtmp_port, hls_port = free_ports(3)
-    profiles = write_profiles(tmp_path, {"dave": "obama.jpg"})
-    cmd = [sys.executable, "-m", "facecast.cli", "serve", "--profiles", str(profiles)]
-    cmd += ["--host", "127.0.0.1", "--viewer-auth", "--http-port", str(http_port)]
-    cmd += ["--rtmp-port", str(rtmp_port), "--hls-port", str(hls_port)]
-    cmd += ["--state-dir", str(tmp_path / "state")]
-    env = {**os.environ, "FACECAST_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    live_procs.add(proc)
-    base = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        pytest.fail(log_path.read_text()[-3000:])
-    plain = httpx.get(f"http://127.0.0.1:{hls_port}/hls/dave.m3u8", timeout=5)
+    proc, log_path, ports = start_serve(
+        tmp_path, live_procs, "--host", "127.0.0.1", "--viewer-auth"
+    )
+    plain = httpx.get(f"http://127.0.0.1:{ports['hls']}/hls/dave.m3u8", timeout=5)
     assert plain.status_code == 403  # without auth: 404 (nothing published yet)
-    play = httpx.get(f"{base}/api/play/dave", headers={"Authorization": f"Bearer {TOKEN}"})
+    play = httpx.get(
+        f"http://127.0.0.1:{ports['http']}/api/play/dave",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert play.status_code == 200 and "token=" in play.json()["rtmp"], play.text
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0, log_path.read_text()[-3000:]
