@@ -150,7 +150,8 @@ class Service:
         # ends the key's stream (nginx also sends one for a publisher it refused)
         self._publishers: dict[str, str] = {}
         self._publishers_lock = threading.Lock()
-        self.manager.checks.append(self.ingest.problems)
+        self._ingest_started = False
+        self.manager.checks.append(self._ingest_problems)
         self.manager.collectors.append(IngestCollector(self.ingest))
         self.app = create_app(self.manager, token, max_upload, on_source=self._source_changed)
         # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
@@ -223,6 +224,7 @@ class Service:
         self._http = ThreadedServer(self.app, self.host, self.http_port)
         self._http.start()
         self.ingest.start()
+        self._ingest_started = True
         log.info(
             "serving %d profile(s): publish to %s, watch %s; HTTP on %s:%d",
             len(self.profiles),
@@ -232,6 +234,13 @@ class Service:
             self.http_port,
         )
         return self
+
+    def _ingest_problems(self) -> list[str]:
+        """Readiness of the ingest server: the HTTP plane answers first (nginx's publish hooks
+        need it), so until nginx has started too, /readyz must not say ready."""
+        if not self._ingest_started:
+            return ["ingest server not started yet"]
+        return self.ingest.problems()
 
     def stop(self) -> None:
         """Stop every stream (each flushes its output), then nginx, then the HTTP plane."""

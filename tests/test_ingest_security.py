@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from facecast.ingest import free_ports
@@ -259,3 +260,15 @@ def test_nginx_killed_is_restarted_counted_and_reported(service, live_procs) -> 
     assert wait_until(lambda: readyz().status_code == 200, 30), readyz().text
     assert samples(service) == {"facecast_ingest_restarts_total": 1.0, "facecast_ingest_up": 1.0}
     start_alice(service, live_procs)  # publishing works again, hooks and all
+
+
+def test_readyz_is_not_ready_before_the_ingest_server_has_started(tmp_path) -> None:
+    """serve starts its HTTP plane before nginx (nginx's hooks call it): in between, /readyz
+    answered 200 and a viewer or publisher who trusted it found the ports closed."""
+    svc = make_service(tmp_path)
+    try:
+        ready = TestClient(svc.app).get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert "ingest server not started" in ready.text
+    finally:
+        svc.stop()
