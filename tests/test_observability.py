@@ -27,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from facecast.config import ModelSettings, StreamSettings
-from facecast.ingest import free_port
+from facecast.ingest import IngestServer, free_port, free_ports
+from facecast.metrics import IngestCollector
 from facecast.server import ThreadedServer, create_app
 from facecast.streams import StreamManager
 from tests.live_helpers import wait_until
@@ -94,6 +95,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exposition]:
     """/metrics of a real server while a real stream runs, so every facecast family has
     samples (the histograms' _bucket series included), read once for the whole module."""
     manager = StreamManager()
+    # serve's ingest server metrics too (an IngestServer never started: facecast_ingest_up 0)
+    ingest = IngestServer(*free_ports(2), prefix=tmp_path_factory.mktemp("ingest"))
+    manager.collectors.append(IngestCollector(ingest))
     out = tmp_path_factory.mktemp("observability") / "cam.ts"
     # realtime: paced at the clip's 30 fps, so the stream is still running when scraped
     settings = StreamSettings(source_image=FACE, input=str(CLIP), output=str(out), realtime=True)
