@@ -14,12 +14,24 @@ UPPER_LIP, LOWER_LIP = 13, 14
 RIGHT_LIDS, LEFT_LIDS = (159, 145), (386, 374)
 # each eye's corners in image order (left, right) for an upright face
 RIGHT_CORNERS, LEFT_CORNERS = (33, 133), (362, 263)
+EYE_CORNERS = (RIGHT_CORNERS, LEFT_CORNERS)  # subject's right eye first, as everywhere
 SYMMETRIC_PAIRS = ((33, 263), (133, 362), (234, 454), (127, 356))  # (subject's right, left)
 FACE_PLANE = (10, 151, 109, 338, 33, 133, 362, 263, 234, 454, 127, 356)
 # Those points' best plane leans back against the camera axis even in a level portrait (the
 # forehead and the ear-side oval lie behind the eye corners): 49.5 degrees on average over
 # the 16 portraits in tests/media (spread 4). Removing it makes a level face read about 0.
 PITCH_LEAN = -50.0
+
+
+def eye_frame(corner_a: np.ndarray, corner_b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """An eye's own 2-D frame from its two corners: origin (their midpoint), unit axes along
+    the eye and across it, and its width. Gaze (iris) and eye opening (shape transfer) are
+    both measured in it."""
+    a, b = np.asarray(corner_a, np.float64)[:2], np.asarray(corner_b, np.float64)[:2]
+    width = max(float(np.linalg.norm(b - a)), 1e-9)
+    along = (b - a) / width
+    across = np.array([-along[1], along[0]])
+    return (a + b) / 2, along, across, np.float64(width)
 
 
 def _eye_centres(mesh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

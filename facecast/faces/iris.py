@@ -17,14 +17,13 @@ from functools import cache
 import cv2
 import numpy as np
 
-from facecast.faces.expression import LEFT_CORNERS, RIGHT_CORNERS
+from facecast.faces.expression import EYE_CORNERS, eye_frame
 from facecast.faces.landmarks import Roi
 from facecast.faces.litert import TFLiteModel
 from facecast.models import model_path
 
 IRIS_INPUT = 64
 IRIS_ROI_SCALE = 2.3  # MediaPipe's iris graph: the crop is 2.3x the corners' extent
-EYE_CORNERS = (RIGHT_CORNERS, LEFT_CORNERS)  # subject's right eye first, as everywhere
 
 
 @cache
@@ -67,21 +66,12 @@ def iris_centres(image: np.ndarray, mesh: np.ndarray) -> np.ndarray:
     return np.array(centres, dtype=np.float64)
 
 
-def _eye_frame(points: np.ndarray, corners: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    """Origin (the corners' midpoint), unit axes along and across the eye, and its width."""
-    a, b = points[corners[0], :2].astype(np.float64), points[corners[1], :2].astype(np.float64)
-    width = max(float(np.linalg.norm(b - a)), 1e-9)
-    along = (b - a) / width
-    across = np.array([-along[1], along[0]])
-    return (a + b) / 2, along, across, np.float64(width)
-
-
 def gaze_in_eyes(points: np.ndarray, irises: np.ndarray) -> np.ndarray:
     """(2, 2): each iris centre's offset from its eye's corner midpoint, in eye widths, along
     the eye (x, towards the image's right) and across it (y, downwards)."""
     out = np.empty((2, 2))
     for k, corners in enumerate(EYE_CORNERS):
-        origin, along, across, width = _eye_frame(points, corners)
+        origin, along, across, width = eye_frame(points[corners[0]], points[corners[1]])
         offset = irises[k] - origin
         out[k] = (offset @ along / width, offset @ across / width)
     return out
@@ -92,7 +82,7 @@ def irises_at(points: np.ndarray, gaze: np.ndarray) -> np.ndarray:
     (another face's mesh, or the same face reshaped)."""
     out = np.empty((2, 2))
     for k, corners in enumerate(EYE_CORNERS):
-        origin, along, across, width = _eye_frame(points, corners)
+        origin, along, across, width = eye_frame(points[corners[0]], points[corners[1]])
         out[k] = origin + width * (gaze[k, 0] * along + gaze[k, 1] * across)
     return out
 

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from facecast.errors import ModelError
+from facecast.faces.expression import EYE_CORNERS
 from facecast.faces.face import Face
 from facecast.faces.iris import GazeReader, gaze_in_eyes, irises_at
 from facecast.faces.landmarks import Roi, roi_from_mesh
@@ -86,8 +87,6 @@ class SwapOptions:
 # Corners of the openings the mesh leaves as holes: each splits its loop into two lid (or
 # lip) lines. The mouth's are on the inner lip line.
 INNER_MOUTH_CORNERS = (78, 308)
-RIGHT_EYE_CORNERS = (33, 133)
-LEFT_EYE_CORNERS = (362, 263)
 
 
 def opening_triangles(loop_points: np.ndarray, corners: tuple[int, int]) -> np.ndarray:
@@ -249,8 +248,8 @@ class MeshSwapper:
         topo = self.topology
         kept = []
         for eye, corners in (
-            (topo.right_eye, RIGHT_EYE_CORNERS),
-            (topo.left_eye, LEFT_EYE_CORNERS),
+            (topo.right_eye, EYE_CORNERS[0]),
+            (topo.left_eye, EYE_CORNERS[1]),
         ):
             ratio = eye_opening(source[:, :2], eye, corners) / max(
                 eye_opening(target[:, :2], eye, corners), 1e-6

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facecast.faces.expression import LEFT_CORNERS, RIGHT_CORNERS
+from facecast.faces.expression import EYE_CORNERS, eye_frame
 from facecast.faces.topology import MeshTopology
 
 # Mesh vertices that expression barely moves: eye corners, nose bridge and tip, forehead,
@@ -17,7 +17,6 @@ from facecast.faces.topology import MeshTopology
 RIGID_POINTS = np.array(
     [33, 133, 362, 263, 6, 168, 197, 195, 5, 4, 1, 10, 151, 9, 127, 356, 234, 454, 116, 345]
 )
-EYE_CORNERS = (RIGHT_CORNERS, LEFT_CORNERS)
 UPPER_INNER_LIP, LOWER_INNER_LIP, CHIN, FOREHEAD = 13, 14, 152, 10
 
 
@@ -48,10 +47,8 @@ def _falloff(points: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarra
 def _across(eye: np.ndarray, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Each eye point's offset across the eye (from the corners' line), the unit normal and
     the eye's width."""
-    along = corners[1] - corners[0]
-    width = max(float(np.linalg.norm(along)), 1e-9)
-    normal = np.array([-along[1], along[0]]) / width
-    return (eye - corners.mean(0)) @ normal, normal, width
+    origin, _, normal, width = eye_frame(corners[0], corners[1])
+    return (eye - origin) @ normal, normal, float(width)
 
 
 def eye_opening(points: np.ndarray, eye: np.ndarray, corners: tuple[int, int]) -> float:
