@@ -182,14 +182,11 @@ def _png_header(data: bytes) -> ImageHeader | None:
 def _png_has_transparency(data: bytes) -> bool:
     """A tRNS chunk before the image data (where the format puts it); chunk types only,
     so a large IDAT is never copied."""
-    pos = len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+    for ctype, _, _ in _png_chunk_spans(data):
         if ctype == b"tRNS":
             return True
         if ctype in (b"IDAT", b"IEND"):
             return False
-        pos += 12 + length
     return False
 
 
@@ -367,17 +364,23 @@ def _png_text_chunks(data: bytes) -> dict[str, str]:
     return out
 
 
-def _png_chunks(data: bytes):
+def _png_chunk_spans(data: bytes):
+    """(type, offset of the body, length) of each chunk, without copying any body."""
     pos = len(PNG_SIGNATURE)
     while pos + 8 <= len(data):
         length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + length]
-        if len(body) < length:
-            return  # truncated file: keep what was read
-        yield ctype, body
+        yield ctype, pos + 8, length
         if ctype == b"IEND":
             return
         pos += 12 + length
+
+
+def _png_chunks(data: bytes):
+    for ctype, start, length in _png_chunk_spans(data):
+        body = data[start : start + length]
+        if len(body) < length:
+            return  # truncated file: keep what was read
+        yield ctype, body
 
 
 def _jpeg_segments(data: bytes):
