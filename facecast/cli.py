@@ -14,8 +14,9 @@ import signal
 import sys
 import threading
 import time
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +25,9 @@ from rich.table import Table
 
 from facecast import __version__
 from facecast.errors import FacecastError
+
+if TYPE_CHECKING:
+    from facecast.store import ClusterStore
 
 try:  # Typer 0.2x carries its own copy of click; its usage errors are that copy's classes
     from typer._click import exceptions as click_errors
@@ -52,6 +56,18 @@ log = logging.getLogger("facecast")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Role(StrEnum):
+    """What one ``facecast serve`` process does (see docs/deploy.md)."""
+
+    all = "all"
+    ingest = "ingest"
+    worker = "worker"
+
+
+# Streams a worker takes by default: `facecast bench capacity` on 2 cores (docs/benchmarks.md).
+DEFAULT_CAPACITY = 1
 
 
 # Libraries that log at INFO about their own workings; a user wants facecast's lines.
@@ -685,11 +701,47 @@ def serve(
             "(GET /api/play/KEY) [default: on unless --host is loopback].",
         ),
     ] = None,
+    role: Annotated[
+        Role,
+        typer.Option(
+            envvar="FACECAST_ROLE",
+            help="all: one box does everything; ingest: nginx and the API, streams go to "
+            "workers; worker: runs the streams the store assigns it.",
+        ),
+    ] = Role.all,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FACECAST_STORE",
+            metavar="URL",
+            help="Redis URL of the cluster's store, e.g. redis://store:6379/0; needed by "
+            "ingest and worker.",
+        ),
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FACECAST_ADVERTISE",
+            metavar="HOST",
+            help="Ingest: the host name workers reach its RTMP port at [default: this "
+            "machine's name].",
+        ),
+    ] = None,
+    capacity: Annotated[
+        int,
+        typer.Option(
+            envvar="FACECAST_CAPACITY",
+            metavar="N",
+            min=1,
+            help="Worker: the most streams it runs at once.",
+        ),
+    ] = DEFAULT_CAPACITY,
 ) -> None:
     """Service mode: ingest server, HTTP API and one pipeline per key.
 
     Every stream published to rtmp://HOST/live/KEY comes out swapped with KEY's profile at
-    rtmp://HOST/swapped/KEY. The API token is read from FACECAST_API_TOKEN.
+    rtmp://HOST/swapped/KEY. The API token is read from FACECAST_API_TOKEN. With --role
+    ingest and workers (--role worker) sharing a --store, the streams run on the workers.
     """
     import os
     import threading
@@ -698,25 +750,50 @@ def serve(
     from facecast.profiles import resolve_state_dir
     from facecast.service import Service, load_profiles
 
+    token = os.environ.get("FACECAST_API_TOKEN") or None
+    if role is not Role.all and not store:
+        raise fail(f"--role {role.value} needs --store URL (a Redis URL)")
     try:
+        stop = threading.Event()
+        cluster_store = _open_store(store) if role is not Role.all else None
+        if role is Role.worker:
+            from facecast.worker import Worker
+
+            assert cluster_store is not None
+            worker = Worker(
+                cluster_store, capacity=capacity, token=token, host=host, http_port=http_port
+            )
+            with _stop_on_signals(stop):
+                worker.run(stop)
+            return
         table = load_profiles(profiles) if profiles else {}
-        if not table:
+        if not table and role is Role.all:
             warn("no profiles: every publisher will be refused")
         service = Service(
             table,
-            token=os.environ.get("FACECAST_API_TOKEN") or None,
+            token=token,
             host=host,
             http_port=http_port,
             rtmp_port=rtmp_port,
             hls_port=hls_port,
-            state_dir=resolve_state_dir(state_dir),
+            state_dir=resolve_state_dir(state_dir) if cluster_store is None else None,
             viewer_auth=viewer_auth,
+            store=cluster_store,
+            advertise=advertise,
         )
-        stop = threading.Event()
         with _stop_on_signals(stop):
             service.run(stop)
     except FacecastError as exc:
         raise fail(str(exc)) from None
+
+
+def _open_store(url: str | None) -> ClusterStore:
+    """The cluster's store, checked to answer now: a wrong URL fails at start, not later."""
+    from facecast.store import ClusterStore
+
+    store = ClusterStore(url or "")
+    store.ping()
+    return store
 
 
 @app.command()
@@ -845,6 +922,31 @@ def bench_live(
 
     try:
         run_live_bench(EXAMPLES, results, console, seconds, docs_for(update_docs))
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+
+
+@bench_app.command("capacity")
+def bench_capacity(
+    results: ResultsFlag = DEFAULT_RESULTS,
+    update_docs: UpdateDocsFlag = False,
+    seconds: Annotated[
+        float, typer.Option(metavar="SECONDS", min=1.0, help="Measured seconds per run.")
+    ] = 12.0,
+    max_streams: Annotated[
+        int, typer.Option(metavar="N", min=1, help="Most streams tried at each size.")
+    ] = 8,
+) -> None:
+    """Streams per worker at 360p and 720p: how many hold 25 and 15 fps each.
+
+    Runs N live pipelines in this process as a worker does (N = 1, 2, ...), fed over RTMP
+    by a private ingest server and real-time publishers, until the slowest stream drops
+    under 15 fps. Takes minutes.
+    """
+    from facecast.bench_capacity import run_capacity_bench
+
+    try:
+        run_capacity_bench(EXAMPLES, results, console, seconds, max_streams, docs_for(update_docs))
     except FacecastError as exc:
         raise fail(str(exc)) from None
 

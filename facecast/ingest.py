@@ -164,6 +164,8 @@ class IngestServer:
     ``swapped``. ``play_secret``: viewer auth on; tokens are ``play_token(key, secret)``.
     ``supervise``: restart nginx when it dies; ``on_exit(reason)`` is called (from the
     watcher thread) each time it is found dead, before it is started again.
+    ``remote_workers``: facecast's workers read ``live`` and publish ``swapped`` from other
+    machines (``serve --role ingest``): any address may, with the worker secret.
     """
 
     def __init__(
@@ -178,10 +180,15 @@ class IngestServer:
         play_secret: str | None = None,
         supervise: bool = False,
         on_exit: Callable[[str], None] | None = None,
+        remote_workers: bool = False,
         nginx: str = "nginx",
         rtmp_module: Path | None = None,
         template: Path = TEMPLATE,
     ) -> None:
+        if remote_workers and not worker_secret:
+            # the secret is then the only thing between the raw inputs and the world
+            raise IngestError("workers on other machines need a worker secret")
+        self.remote_workers = remote_workers
         self.rtmp_port = rtmp_port
         self.http_port = http_port
         self.on_publish_url = on_publish_url
@@ -314,6 +321,8 @@ class IngestServer:
             "WORKER_SECRET": self.worker_secret or self._unused_secret,
             "PLAY_SECRET": self.play_secret or self._unused_secret,
             "LISTEN": self.listen,
+            "LIVE_PLAY_FROM": self._from("play"),
+            "SWAPPED_PUBLISH_FROM": self._from("publish"),
         }
         text = self.template.read_text()
         for name, value in values.items():
@@ -322,6 +331,12 @@ class IngestServer:
         if left:
             raise IngestError(f"{self.template}: unknown placeholders {', '.join(left)}")
         return text
+
+    def _from(self, action: str) -> str:
+        """The RTMP allow/deny lines for ``action`` (play, publish) by facecast's workers."""
+        if self.remote_workers:
+            return f"allow {action} all;  # workers on other machines: the secret decides"
+        return f"allow {action} 127.0.0.1;\n{' ' * 12}deny {action} all;"
 
     def _write_config(self) -> None:
         for sub in ("logs", "temp", "hls"):

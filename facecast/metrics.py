@@ -36,6 +36,7 @@ from facecast.timing import Histogram
 
 if TYPE_CHECKING:
     from facecast.ingest import IngestServer
+    from facecast.store import ClusterStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -150,6 +151,34 @@ class IngestCollector(Collector):
         )
         restarts.add_metric([], self.ingest.restarts)
         yield from (up, restarts)
+
+
+class ClusterCollector(Collector):
+    """A cluster ingest's view of the store, read at scrape time: ``facecast_keys_waiting``
+    (published keys no worker has taken: the workers' autoscaling signal),
+    ``facecast_cluster_workers`` (workers alive) and ``facecast_store_up``."""
+
+    def __init__(self, store: ClusterStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        from facecast.store import StoreError, cluster_view
+
+        up = GaugeMetricFamily("facecast_store_up", "1 while the coordination store answers.")
+        waiting = GaugeMetricFamily(
+            "facecast_keys_waiting", "Published stream keys that no worker runs yet."
+        )
+        workers = GaugeMetricFamily("facecast_cluster_workers", "Workers alive (heartbeats).")
+        try:
+            view = cluster_view(self.store)
+        except StoreError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        waiting.add_metric([], len(view["waiting"]))
+        workers.add_metric([], len(view["workers"]))
+        yield from (up, waiting, workers)
 
 
 class _ManagerCollectors(Collector):

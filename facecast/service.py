@@ -32,6 +32,7 @@ import json
 import logging
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 from dataclasses import replace
@@ -50,7 +51,7 @@ from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.select import Selection
 from facecast.ingest import IngestServer
 from facecast.live import engine_options
-from facecast.metrics import IngestCollector
+from facecast.metrics import ClusterCollector, IngestCollector
 from facecast.profiles import (
     BLENDS,
     KEY_RE,
@@ -73,6 +74,14 @@ from facecast.server import (
     read_image_upload,
     read_limited,
 )
+from facecast.store import (
+    ClusterStore,
+    StoreError,
+    StoreProfileState,
+    cluster_view,
+    profile_entry,
+    store_problems,
+)
 from facecast.streams import DEFAULT_RETENTION, StreamManager, UnknownStreamError
 from facecast.web import mount_web
 from facecast.webrtc import WebSessions
@@ -81,6 +90,9 @@ log = logging.getLogger(__name__)
 
 # Hosts that mean "this machine only": viewer auth is off by default there.
 LOOPBACK_HOSTS = (LOOPBACK, "localhost", "::1")
+# A cluster's ingest tells the store every PUBLISHED_REFRESH_S which keys are published,
+# each good for PUBLISHED_TTL_S: the keys of an ingest that died are gone that much later.
+PUBLISHED_REFRESH_S, PUBLISHED_TTL_S = 1.0, 5.0
 
 
 def _play_secret(token: str | None) -> str:
@@ -111,17 +123,25 @@ class Service:
         state_dir: Path | None = None,
         retention: float = DEFAULT_RETENTION,
         viewer_auth: bool | None = None,
+        store: ClusterStore | None = None,
+        advertise: str | None = None,
     ) -> None:
         """Nothing starts until ``start()``: ``app`` can be driven on its own (tests do).
         ``profiles``: from the ``--profiles`` file; ``state_dir``: where the API's changes
         are kept across restarts, laid over ``profiles`` here (None: not kept);
         ``retention``: seconds an ended stream stays listed; ``viewer_auth``: viewers of
         ``swapped/KEY`` and its HLS need the key's play token (``GET /api/play/KEY``);
-        None: on unless the service listens on loopback only."""
+        None: on unless the service listens on loopback only.
+
+        ``store`` makes this the ingest of a cluster (``serve --role ingest``): published
+        keys go to the store for workers to take instead of to pipelines here, profiles
+        live in the store (``state_dir`` is not used), and ``advertise`` is the host name
+        workers reach this ingest's RTMP port at."""
         self.max_upload = max_upload
+        self.store = store
         self.base = base or StreamSettings()
         self.manager = StreamManager(retention)
-        self._load_profiles(profiles, state_dir)
+        self._load_profiles(profiles, state_dir, store)
         self.host = bind_host(host, token)
         self.http_port = http_port
         # Per-run secrets, known only to this process and the nginx it starts (its config
@@ -145,7 +165,11 @@ class Service:
             play_secret=_play_secret(token) if viewer_auth else None,
             supervise=True,
             on_exit=self._ingest_exited,
+            remote_workers=store is not None,
         )
+        self.advertise = advertise or socket.gethostname()
+        self._refresher: threading.Thread | None = None
+        self._halt = threading.Event()
         # nginx's client id of the publisher accepted on each key: only its publish_done
         # ends the key's stream (nginx also sends one for a publisher it refused)
         self._publishers: dict[str, str] = {}
@@ -153,18 +177,33 @@ class Service:
         self._ingest_started = False
         self.manager.checks.append(self._ingest_problems)
         self.manager.collectors.append(IngestCollector(self.ingest))
+        if store is not None:
+            self.manager.checks.append(lambda: store_problems(store))
+            self.manager.collectors.append(ClusterCollector(store))
         self.app = create_app(self.manager, token, max_upload, on_source=self._source_changed)
         # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
         self.web = WebSessions(engine_options(self.base))
         mount_web(self.app, self.web, token, max_upload)
         self._add_routes(token)
+        if store is not None:
+            self.app.add_api_route(
+                "/api/cluster", self._cluster, methods=["GET"], dependencies=bearer_guard(token)
+            )
         self._http: ThreadedServer | None = None
         self._lock = threading.Lock()
 
-    def _load_profiles(self, from_file: dict[str, Profile], state_dir: Path | None) -> None:
+    def _load_profiles(
+        self, from_file: dict[str, Profile], state_dir: Path | None, store: ClusterStore | None
+    ) -> None:
         """The profiles in force: the file's, with the state's changes laid over them."""
         self._file_keys = set(from_file)
-        self._state = ProfileState(state_dir) if state_dir is not None else None
+        self._state: ProfileState | StoreProfileState | None = None
+        if store is not None:
+            self._state = StoreProfileState(
+                store, Path(tempfile.mkdtemp(prefix="facecast-ingest-"))
+            )
+        elif state_dir is not None:
+            self._state = ProfileState(state_dir)
         # Faces uploaded through the API: a private folder, files named by us, never by
         # the request; kept with the state, else temporary.
         if self._state is not None:
@@ -221,10 +260,23 @@ class Service:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Service:
+        if self.store is not None:
+            # the workers' view first: which profiles, and where to read and publish
+            self.store.set_profiles(
+                {k: profile_entry(self.store, p) for k, p in self.profiles.items()}
+            )
+            self.store.advertise_ingest(
+                f"rtmp://{self.advertise}:{self.ingest.rtmp_port}", self.ingest.worker_secret or ""
+            )
         self._http = ThreadedServer(self.app, self.host, self.http_port)
         self._http.start()
         self.ingest.start()
         self._ingest_started = True
+        if self.store is not None:
+            self._refresher = threading.Thread(
+                target=self._refresh_published, name="published-keys", daemon=True
+            )
+            self._refresher.start()
         log.info(
             "serving %d profile(s): publish to %s, watch %s; HTTP on %s:%d",
             len(self.profiles),
@@ -244,6 +296,9 @@ class Service:
 
     def stop(self) -> None:
         """Stop every stream (each flushes its output), then nginx, then the HTTP plane."""
+        self._halt.set()
+        if self._refresher is not None:
+            self._refresher.join(5)
         self.manager.stop_all()
         self.web.close_all_blocking()  # on the HTTP loop, so before the HTTP plane stops
         self.ingest.stop()
@@ -389,8 +444,13 @@ class Service:
         if self._state is not None:
             try:
                 self._state.save(changed, deleted)
+                if self.store is not None:  # the workers' copy of the profile in force
+                    entry = profile_entry(self.store, profile) if profile else None
+                    self.store.set_profile(key, entry)
             except OSError as exc:
                 raise HTTPException(507, f"cannot save the profiles' state: {exc}") from None
+            except StoreError as exc:
+                raise HTTPException(503, str(exc)) from None
         self._changed, self._deleted = changed, deleted
         if profile is None:
             del self.profiles[key]
@@ -454,6 +514,9 @@ class Service:
                 log.warning("refused a second publisher on stream key %r", key)
                 raise HTTPException(409, f"stream key {key!r} already has a publisher")
             self._publishers[key] = client
+        if self.store is not None:
+            self._announce(key, client)
+            return
         # the profile as it is now, read here on the loop where the API changes it
         args = (key, client, self.settings_for(key), self.profiles[key].source.name)
         threading.Thread(target=self._start_stream, args=args, daemon=True).start()
@@ -465,6 +528,10 @@ class Service:
                 log.info("stream %s: publish_done of client %s, not its publisher", key, client)
                 return
             del self._publishers[key]
+        if self.store is not None:
+            with contextlib.suppress(StoreError):  # else its entry runs out by itself
+                self.store.unpublish(key, client)
+            return
         # Released here, on the loop, before any later publish on the key is answered: so
         # that publish sees a stream winding down and starts a new one.
         with contextlib.suppress(UnknownStreamError):
@@ -476,7 +543,12 @@ class Service:
         back publishes again and gets a new pipeline."""
         with self._publishers_lock:
             cut = sorted(self._publishers)
+            gone = dict(self._publishers)
             self._publishers.clear()
+        if self.store is not None:
+            for key, client in gone.items():
+                with contextlib.suppress(StoreError):
+                    self.store.unpublish(key, client)
         for handle in self.manager.handles():
             if handle.running:
                 with contextlib.suppress(UnknownStreamError):
@@ -496,20 +568,55 @@ class Service:
         return self.ingest.play_urls(key, host)
 
     def settings_for(self, key: str) -> StreamSettings:
-        profile = self.profiles[key]
-        return self.base.model_copy(
-            update={
-                "source_image": profile.source,
-                "faces": profile.faces,
-                "blend": profile.blend,
-                "references": list(profile.references),
-                **dict(profile.models),
-                # with this run's worker secret: nginx lets only these read and publish
-                "input": self.ingest.worker_url("live", key),
-                "output": self.ingest.worker_url("swapped", key),
-                "realtime": False,
-            }
+        # with this run's worker secret: nginx lets only these read and publish
+        return stream_settings(
+            self.base,
+            self.profiles[key],
+            self.ingest.worker_url("live", key),
+            self.ingest.worker_url("swapped", key),
         )
+
+    # ------------------------------------------------------------------ cluster (ingest role)
+
+    def _announce(self, key: str, client: str) -> None:
+        """Tell the workers ``key`` is published. A store that cannot hear it refuses the
+        publisher (503): no worker would ever take the key."""
+        assert self.store is not None
+        try:
+            self.store.refresh_published({key: client}, PUBLISHED_TTL_S)
+        except StoreError as exc:
+            with self._publishers_lock:
+                if self._publishers.get(key) == client:
+                    del self._publishers[key]
+            log.error("refused a publisher on %r: %s", key, exc)
+            raise HTTPException(503, f"no worker can be told about {key!r}: {exc}") from None
+
+    def _refresh_published(self) -> None:
+        """Every second, every key still published, for PUBLISHED_TTL_S more: the store
+        forgets the keys of an ingest that died, and learns them again after a restart."""
+        assert self.store is not None
+        failing = False
+        while not self._halt.wait(PUBLISHED_REFRESH_S):
+            with self._publishers_lock:
+                publishers = dict(self._publishers)
+            try:
+                self.store.refresh_published(publishers, PUBLISHED_TTL_S)
+            except StoreError as exc:
+                if not failing:
+                    log.warning("cannot refresh the published keys (retrying): %s", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("store reachable again: %d published key(s) refreshed", len(publishers))
+            failing = False
+
+    async def _cluster(self) -> dict[str, Any]:
+        """Which keys are published, which worker runs each, and the workers alive."""
+        assert self.store is not None
+        try:
+            return await run_in_threadpool(cluster_view, self.store)
+        except StoreError as exc:
+            raise HTTPException(503, str(exc)) from None
 
     def _start_stream(
         self, key: str, client: str, settings: StreamSettings, source_name: str
@@ -535,6 +642,24 @@ class Service:
                 # it left while its pipeline was built, and its publish_done found nothing
                 # to release yet
                 self.manager.release(key)
+
+
+def stream_settings(
+    base: StreamSettings, profile: Profile, input_url: str, output_url: str
+) -> StreamSettings:
+    """The settings of one key's stream: ``base`` with the profile's face and options."""
+    return base.model_copy(
+        update={
+            "source_image": profile.source,
+            "faces": profile.faces,
+            "blend": profile.blend,
+            "references": list(profile.references),
+            **dict(profile.models),
+            "input": input_url,
+            "output": output_url,
+            "realtime": False,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- API helpers
