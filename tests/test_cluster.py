@@ -7,15 +7,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from xml.etree import ElementTree
 
 import httpx
+import numpy as np
 import pytest
 
-from facecast.ingest import free_ports, port_accepts
+from facecast.bench_handoff import RedisServer, output_back_after, start_worker, wait_ready
+from facecast.errors import FacecastError
+from facecast.ingest import free_ports
+from facecast.media.image_io import read_image
 from facecast.service import Service, load_profiles
 from facecast.store import ClusterStore
 from facecast.worker import Worker
@@ -30,7 +32,7 @@ from tests.live_helpers import (
     wait_until,
 )
 
-from .conftest import MEDIA, REPO
+from .conftest import MEDIA
 from .media_helpers import identity_distances
 from .test_ingest_security import lan_address, refused
 from .test_live_stream import grab_face_frames
@@ -42,34 +44,10 @@ CLIP = MEDIA / "short_hamilton_clip.mp4"
 TOKEN = "cluster-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FACES = {"k0": "obama.jpg", "k1": "biden.jpg", "k2": "alex-lacamoire.png", "k3": "people/musk1.jpg"}
-REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
-    REDIS is None, reason="redis-server is not installed (scripts/setup installs it)"
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (scripts/setup installs it)",
 )
-
-
-class Store:
-    """A redis-server of the test's own, with an append-only file so a restart keeps its
-    data (as the deployment runs it)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_ports(1)[0]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        cmd = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
-        cmd += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-        log = (self.folder / "redis.log").open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        assert wait_until(lambda: port_accepts(self.port), 10), "redis-server did not start"
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
 
 
 class Cluster:
@@ -81,8 +59,7 @@ class Cluster:
     ) -> None:
         self.tmp = tmp_path
         self.live_procs = live_procs
-        self.store = Store(tmp_path / "store")
-        self.store.start()
+        self.store = RedisServer(tmp_path / "store").start()
         http_port, rtmp_port, hls_port = free_ports(3)
         profiles = load_profiles(
             write_profiles(tmp_path, {**FACES, "k4_late": "people/damon1.jpg"})
@@ -103,17 +80,14 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
 
     def add_worker(self, name: str, capacity: int = 3) -> subprocess.Popen[bytes]:
-        port = free_ports(1)[0]
-        cmd = [sys.executable, "-m", "facecast.cli", "serve", "--role", "worker"]
-        cmd += ["--store", self.store.url, "--capacity", str(capacity)]
-        cmd += ["--host", "127.0.0.1", "--http-port", str(port)]
         env = {**os.environ, "FACECAST_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
-        with (self.tmp / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc, port = start_worker(self.store.url, self.tmp / f"{name}.log", capacity, env)
         self.live_procs.add(proc)
         self.workers[name] = proc
-        ready = wait_until(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), 40, 0.3)
-        assert ready, self.log(name)
+        try:
+            wait_ready(proc, port)
+        except FacecastError:
+            pytest.fail(self.log(name))
         return proc
 
     def log(self, name: str) -> str:
@@ -155,25 +129,12 @@ def _answers(url: str) -> bool:
         return False
 
 
-def output_back_after(cluster: Cluster, key: str, started: float, timeout: float) -> float:
-    """Seconds from ``started`` until ``swapped/KEY`` has a publisher again that began
-    after ``started`` and has sent video (nginx-rtmp's /stat): when the output resumes at
-    the ingest, before any viewer's wait for a keyframe."""
-    stat = f"http://127.0.0.1:{cluster.ingest.ingest.http_port}/stat"
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        since = (time.monotonic() - started) * 1000
-        root = ElementTree.fromstring(httpx.get(stat, timeout=2).content)
-        for app in root.iter("application"):
-            if app.findtext("name") != "swapped":
-                continue
-            for stream in app.iter("stream"):
-                ours = stream.findtext("name") == key and stream.find("publishing") is not None
-                fresh = int(stream.findtext("time") or 0) < since
-                if ours and fresh and int(stream.findtext("bytes_in") or 0) > 0:
-                    return time.monotonic() - started
-        time.sleep(0.05)
-    pytest.fail(f"swapped/{key}: no new publisher within {timeout} s of the hand-over")
+def back_after(cluster: Cluster, key: str, started: float) -> float:
+    """Seconds until swapped/KEY has a new publisher sending video (bench_handoff)."""
+    try:
+        return output_back_after(cluster.ingest.ingest.stat_url, key, started, 15)
+    except FacecastError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
@@ -210,7 +171,7 @@ def test_keys_spread_over_workers_with_their_own_faces_and_move_when_a_worker_go
     kept = {k: w for k, w in owners.items() if w != victim}
     killed_at = time.monotonic()
     cluster.workers[victim].kill()
-    gap_kill = output_back_after(cluster, "k0", killed_at, 15)
+    gap_kill = back_after(cluster, "k0", killed_at)
     print(f"SIGKILL: swapped/k0 back after {gap_kill:.2f} s")
     assert gap_kill < 5.0
     assert wait_until(lambda: all(cluster.owner(k) not in (None, victim) for k in moved), 10)
@@ -227,7 +188,7 @@ def test_keys_spread_over_workers_with_their_own_faces_and_move_when_a_worker_go
     assert leaving is not None
     term_at = time.monotonic()
     cluster.workers[leaving].send_signal(signal.SIGTERM)
-    gap_term = output_back_after(cluster, "k1", term_at, 15)
+    gap_term = back_after(cluster, "k1", term_at)
     print(f"SIGTERM: swapped/k1 back after {gap_term:.2f} s (SIGKILL {gap_kill:.2f} s)")
     assert cluster.workers[leaving].wait(20) == 0, cluster.log(leaving)
     assert gap_term < gap_kill
@@ -280,6 +241,16 @@ def test_a_store_restart_loses_no_key_and_runs_none_twice_and_profiles_reach_wor
     print("k1 after the API change", distances)
     assert distances["people/jolie1.jpg"] < distances["biden.jpg"]
 
+    # and a new ingest on the same store (a restart, a new pod) keeps the API's change
+    again = Service(
+        load_profiles(write_profiles(cluster.tmp, FACES)),
+        token=TOKEN,
+        store=ClusterStore(cluster.store.url),
+    )
+    kept = read_image(again.profiles["k1"].source)  # the upload, as the API stored it
+    assert np.array_equal(kept, read_image(MEDIA / "people" / "jolie1.jpg"))
+    assert again.profiles["k0"].source == MEDIA / "obama.jpg"
+
 
 def test_workers_elsewhere_need_the_worker_secret_and_waiting_keys_are_counted(
     tmp_path, live_procs
@@ -310,8 +281,7 @@ def test_workers_elsewhere_need_the_worker_secret_and_waiting_keys_are_counted(
 
 @pytest.fixture
 def store(tmp_path):
-    server = Store(tmp_path / "store")
-    server.start()
+    server = RedisServer(tmp_path / "store").start()
     client = ClusterStore(server.url)
     yield client
     client.close()
