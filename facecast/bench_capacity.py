@@ -60,7 +60,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facecast.bench import machine, update_docs, write_results
-from facecast.bench_handoff import measure_handoff
+from facecast.bench_handoff import measure_handoff, stop_process
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError, MediaError
 from facecast.ingest import IngestServer, free_ports
@@ -108,17 +108,6 @@ def prepare_input(clip: Path, width: int, height: int, folder: Path) -> Path:
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as sink:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 3.0) -> None:
-    """SIGINT (ffmpeg closes cleanly), then SIGTERM, then SIGKILL; each wait bounded."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout)
 
 
 def _tail(path: Path, limit: int = 600) -> str:
@@ -179,7 +168,7 @@ class OutputReader:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop_process(self.proc)
+            stop_process(self.proc)
 
     @property
     def pid(self) -> int | None:
@@ -245,7 +234,7 @@ class Rig:
         for reader in self.readers:
             reader.stop()
         for proc in self.publishers:
-            _stop_process(proc)
+            stop_process(proc)
         self.readers.clear()
         self.publishers.clear()
 

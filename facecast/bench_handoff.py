@@ -11,6 +11,7 @@ Measured at the ingest (nginx-rtmp's /stat), before any viewer's wait for a keyf
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -60,15 +61,25 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
+        if self.proc is not None:
+            stop_process(self.proc, (signal.SIGTERM, signal.SIGKILL), 5)
+            self.proc = None
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes],
+    signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL),
+    timeout: float = 3.0,
+) -> None:
+    """Each of ``signals`` in turn until ``proc`` exits, each wait bounded (ffmpeg closes
+    its output cleanly on SIGINT; a facecast worker drains on SIGTERM)."""
+    for sig in signals:
+        if proc.poll() is not None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
 
 
 def publisher_since(stat_url: str, app: str, key: str) -> float | None:
@@ -192,15 +203,8 @@ def measure_handoff(
         progress(f"hand-off after SIGTERM (drain): {term_s:.2f} s")
         return {"kill_s": round(kill_s, 2), "term_s": round(term_s, 2)}
     finally:
-        for proc in [*workers, *([publisher] if publisher else [])]:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in [*workers, *([publisher] if publisher else [])]:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        for proc in [*([publisher] if publisher else []), *workers]:
+            stop_process(proc, (signal.SIGTERM, signal.SIGKILL), 20)
         if service is not None:
             service.stop()
         store.stop()
