@@ -12,7 +12,9 @@ MPEG-TS output, with the embedded models on this machine's cores. Runs:
   the drops it counted.
 - glass-to-glass over loopback UDP: ``facecast stream`` as its own process with
   ``facecast probe``'s publisher and reader, beside a plain ffmpeg relay (no decode, no
-  swap, no encode) to show what the probe and the link alone cost.
+  swap, no encode) to show what the probe and the link alone cost; and over WebRTC:
+  ``facecast serve`` with the probe published over WHIP and watched over WHEP
+  (facecast/bench_webrtc.py; 640x360, as the aiortc peers run in the bench's own process).
 
 The first seconds of each run (encoder and model warm-up, the first keyframe) are left out.
 """
@@ -39,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facecast.bench import machine, scaled_copy, update_docs, write_results
+from facecast.bench_webrtc import whip_to_whep
 from facecast.config import StreamSettings
 from facecast.errors import MediaError
 from facecast.ingest import free_port
@@ -281,7 +284,7 @@ def live_table(result: dict[str, Any]) -> str:
             f"| {name} | {run['fps_out']:.1f} | {run['p50_ms']:.0f} | {run['p99_ms']:.0f} | "
             f"{run['max_ms']:.0f} | {run['dropped']} |"
         )
-    rows += ["", "| glass to glass (probe, loopback UDP) | p50 ms | p95 ms | p99 ms | frames |"]
+    rows += ["", "| glass to glass (probe, loopback) | p50 ms | p95 ms | p99 ms | frames |"]
     rows.append("|---|---|---|---|---|")
     for name, run in result["glass"].items():
         rows.append(
@@ -344,6 +347,8 @@ def run_live_bench(
         for relay in ("ffmpeg", "facecast"):
             console.print(f"bench live: glass to glass through {relay}")
             glass[relay] = glass_to_glass(face, seconds, work, relay)
+        console.print("bench live: glass to glass through facecast serve, WHIP in, WHEP out")
+        glass["serve, WHIP in, WHEP out (640x360)"] = whip_to_whep(face, seconds, WARMUP_S)
 
     payload: dict[str, Any] = {
         "bench": "live",

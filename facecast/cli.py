@@ -1,4 +1,5 @@
-"""The command line: ``facecast swap | demo | stream | probe | serve | web | models | bench``.
+"""The command line: ``facecast swap | demo | stream | probe | verify | serve | web | models |
+bench``.
 
 Habits of the field's tools, kept on purpose: ``--version``; ``--log-level`` (or ``-v`` /
 ``-q``) that changes what is printed; help that reads at 80 columns; and every mistake a
@@ -27,6 +28,7 @@ from facecast import __version__
 from facecast.errors import FacecastError
 
 if TYPE_CHECKING:
+    from facecast.consent import ConsentRegistry
     from facecast.store import ClusterStore
 
 try:  # Typer 0.2x carries its own copy of click; its usage errors are that copy's classes
@@ -49,6 +51,12 @@ bench_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(bench_app, name="bench")
+consent_app = typer.Typer(
+    help="The consent registry: people who agreed to their face being used.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(consent_app, name="consent")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -132,6 +140,25 @@ ReferenceFlag = Annotated[
         metavar="PHOTO[=FACE]",
         help="Swap only this person: PHOTO (gets the source face) or PHOTO=FACE. Repeat for "
         "several people; anyone else is left untouched.",
+    ),
+]
+RequireConsentFlag = Annotated[
+    bool,
+    typer.Option(
+        "--require-consent",
+        envvar="FACECAST_REQUIRE_CONSENT",
+        help="Refuse a source face that matches no person in the consent registry "
+        "(facecast consent add) [env FACECAST_REQUIRE_CONSENT].",
+    ),
+]
+ConsentDirFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--consent-dir",
+        envvar="FACECAST_STATE_DIR",
+        metavar="DIR",
+        help="Folder of the consent registry: serve's state folder [default: "
+        "$XDG_STATE_HOME/facecast, else ~/.local/state/facecast; env FACECAST_STATE_DIR].",
     ),
 ]
 ResultsFlag = Annotated[
@@ -289,6 +316,20 @@ def parse_references(texts: list[str], source: Path) -> tuple[tuple[Path, Path],
     return tuple((photo, face or source) for photo, face in pairs)
 
 
+def check_consent(consent_dir: Path | None, photos: list[Path]) -> None:
+    """``--require-consent``: every photo's face (a folder: each photo in it) is in the
+    consent registry, else exit 2 naming the photo."""
+    from facecast.consent import ConsentRegistry
+    from facecast.profiles import default_state_dir
+    from facecast.swap.sources import source_photos
+
+    try:
+        registry = ConsentRegistry.in_folder(consent_dir or default_state_dir())
+        registry.check_photos(source_photos(photos), "--require-consent")
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+
+
 def run_swap(
     source: Path | list[Path],
     target: Path,
@@ -299,20 +340,25 @@ def run_swap(
     references: tuple[tuple[Path, Path], ...] = (),
     models: dict[str, object] | None = None,
     quality: dict[str, object] | None = None,
+    c2pa: tuple[Path | None, Path | None] = (None, None),
 ) -> None:
-    """Shared by ``swap`` and ``demo``: one place turns FacecastErrors into exit code 2."""
+    """Shared by ``swap`` and ``demo``: one place turns FacecastErrors into exit code 2.
+    ``c2pa``: the certificate chain and key that sign the output's C2PA manifest (neither:
+    the local TEST key)."""
     from facecast.config import ModelSettings
     from facecast.faces.select import Selection
     from facecast.live import _stop_on_signals
     from facecast.media.sink import VideoQuality
     from facecast.modelset import ModelChoice
     from facecast.pipeline import EngineOptions, Stopped, swap_file
+    from facecast.provenance import load_signing_key, sign_file
     from facecast.swap.mesh_swapper import SwapOptions
 
     try:
         selection = Selection.parse(faces)
         choice = ModelChoice.from_settings(ModelSettings(**(models or {})))
         video_quality = VideoQuality(**(quality or {}))  # type: ignore[arg-type]
+        signing = load_signing_key(*c2pa)  # before the work: a key C2PA refuses fails here
     except (ValueError, FacecastError) as exc:
         raise fail(str(exc)) from None
     if blend not in ("feather", "poisson"):
@@ -359,6 +405,22 @@ def run_swap(
         raise typer.Exit(code=128 + signum) from None
     finally:
         stop_bar()
+    try:
+        # after the output is whole: signed into a temporary copy that replaces it
+        signed = sign_file(output, signing)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+    if not signed:
+        warn(
+            f"{output}: C2PA cannot sign {output.suffix or 'this'} files (it signs .mp4, "
+            ".mov, .jpg and .png); the file keeps its other marks and no manifest"
+        )
+    elif signing.test and chatty():
+        console.print(
+            f"C2PA manifest signed with the local TEST key ({signing.where}), which no "
+            "validator trusts; sign as yourself with --c2pa-cert and --c2pa-key",
+            highlight=False,
+        )
     if chatty():
         console.print(
             f"wrote [bold]{output}[/]: {stats.frames} frame(s), {stats.faces_swapped} face(s) "
@@ -445,6 +507,27 @@ def swap(
     execution_provider: ProvidersFlag = None,
     fp16: Fp16Flag = None,
     memory_strategy: MemoryFlag = None,
+    c2pa_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--c2pa-cert",
+            envvar="FACECAST_C2PA_CERT",
+            metavar="PEM",
+            help="Certificate chain (PEM, signer first) that signs the output's C2PA "
+            "manifest; with --c2pa-key [default: a local TEST key; env FACECAST_C2PA_CERT].",
+        ),
+    ] = None,
+    c2pa_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--c2pa-key",
+            envvar="FACECAST_C2PA_KEY",
+            metavar="PEM",
+            help="Private key (PEM) of --c2pa-cert [env FACECAST_C2PA_KEY].",
+        ),
+    ] = None,
+    require_consent: RequireConsentFlag = False,
+    consent_dir: ConsentDirFlag = None,
 ) -> None:
     """Swap a face into an image or a video file.
 
@@ -462,8 +545,11 @@ def swap(
         memory_strategy,
     )
     references = parse_references(reference or [], source[0])
+    if require_consent:  # every face put on someone: the sources and the references' own
+        check_consent(consent_dir, [*source, *(face for _, face in references)])
     quality = {"encoder": output_video_encoder, "crf": crf, "preset": preset}
-    run_swap(source, target, output, faces, blend, label, references, models, quality)
+    c2pa = (c2pa_cert, c2pa_key)
+    run_swap(source, target, output, faces, blend, label, references, models, quality, c2pa)
 
 
 @app.command()
@@ -559,6 +645,8 @@ def stream(
     execution_provider: ProvidersFlag = None,
     fp16: Fp16Flag = None,
     memory_strategy: MemoryFlag = None,
+    require_consent: RequireConsentFlag = False,
+    consent_dir: ConsentDirFlag = None,
 ) -> None:
     """Swap faces in a live stream and publish it, until stopped.
 
@@ -612,6 +700,10 @@ def stream(
     ]
     if missing:
         raise fail("missing " + ", ".join(missing))
+    if require_consent:
+        assert settings.source_image is not None
+        faces = [face for _, face in settings.references if face is not None]
+        check_consent(consent_dir, [settings.source_image, *settings.extra_sources, *faces])
     if ignored:
         warn(ignored)
     try:
@@ -665,6 +757,52 @@ def probe(
     print(json.dumps(summary))
     if not result.latencies_ms:
         raise fail(f"no stamped frame came back from {read} in {seconds:.0f} s")
+
+
+@app.command()
+def verify(
+    target: Annotated[
+        str,
+        # described in the docstring: Typer lists an argument with a type tag (<str>)
+        typer.Argument(metavar="FILE|URL", show_default=False, hidden=True),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of one line each.")
+    ] = False,
+    seconds: Annotated[
+        float,
+        typer.Option(metavar="SECONDS", help="A live stream: read it for at most this long."),
+    ] = 10.0,
+    keyframes: Annotated[
+        int,
+        typer.Option(metavar="N", help="Keyframes to check for the in-band mark (0: all)."),
+    ] = 5,
+) -> None:
+    """Look for facecast's marks: in-band (SEI), container tags and C2PA.
+
+    FILE|URL is an image or video file, or a live stream (rtmp://, udp://, srt://...).
+
+    Prints one line per mark. Exit code 0 if any mark is found, 1 if none.
+    """
+    import json
+
+    from facecast.provenance import verify as find_marks
+
+    if seconds <= 0:
+        raise fail(f"--seconds {seconds:g}: must be positive")
+    if keyframes < 0:
+        raise fail(f"--keyframes {keyframes}: use 0 (all) or more")
+    try:
+        found = find_marks(target, seconds=seconds, keyframes=keyframes or None)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(found.as_json()))
+    else:
+        for line in found.lines():
+            print(line)
+    if not found.found:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -736,6 +874,43 @@ def serve(
             help="Worker: the most streams it runs at once.",
         ),
     ] = DEFAULT_CAPACITY,
+    require_consent: Annotated[
+        bool,
+        typer.Option(
+            "--require-consent",
+            envvar="FACECAST_REQUIRE_CONSENT",
+            help="Accept a source face only if it matches a person in the consent "
+            "registry (facecast consent add), profiles included [env "
+            "FACECAST_REQUIRE_CONSENT].",
+        ),
+    ] = False,
+    moderation_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FACECAST_MODERATION_URL",
+            metavar="URL",
+            help="Webhook that allows or denies each new source face or reference; an "
+            "error or no answer denies [env FACECAST_MODERATION_URL].",
+        ),
+    ] = None,
+    moderation_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="FACECAST_MODERATION_TIMEOUT",
+            metavar="SECONDS",
+            min=0.1,
+            help="How long the webhook has to answer [env FACECAST_MODERATION_TIMEOUT].",
+        ),
+    ] = 5.0,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FACECAST_AUDIT_LOG",
+            metavar="FILE",
+            help="JSON lines of every face change attempt [default: audit.log in the "
+            "state folder; env FACECAST_AUDIT_LOG].",
+        ),
+    ] = None,
 ) -> None:
     """Service mode: ingest server, HTTP API and one pipeline per key.
 
@@ -780,6 +955,10 @@ def serve(
             viewer_auth=viewer_auth,
             store=cluster_store,
             advertise=advertise,
+            require_consent=require_consent,
+            moderation_url=moderation_url,
+            moderation_timeout=moderation_timeout,
+            audit_log=audit_log,
         )
         with _stop_on_signals(stop):
             service.run(stop)
@@ -794,6 +973,158 @@ def _open_store(url: str | None) -> ClusterStore:
     store = ClusterStore(url or "")
     store.ping()
     return store
+
+
+# ---------------------------------------------------------------------------- consent
+
+ConsentStateFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar="FACECAST_STATE_DIR",
+        metavar="DIR",
+        help="serve's state folder, which keeps the registry [default: $XDG_STATE_HOME/"
+        "facecast, else ~/.local/state/facecast; env FACECAST_STATE_DIR].",
+    ),
+]
+ConsentStoreFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="FACECAST_STORE",
+        metavar="URL",
+        help="A cluster's Redis store: the registry is kept there instead [env FACECAST_STORE].",
+    ),
+]
+ConsentAuditFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--audit-log",
+        envvar="FACECAST_AUDIT_LOG",
+        metavar="FILE",
+        help="Where the change is logged [default: audit.log in the state folder; env "
+        "FACECAST_AUDIT_LOG].",
+    ),
+]
+
+
+def _consent_registry(
+    state_dir: Path | None, store: str | None
+) -> tuple[ConsentRegistry, Path | None]:
+    """(the registry, the state folder it is in; None in a store)."""
+    from facecast.consent import ConsentRegistry
+    from facecast.profiles import default_state_dir
+
+    if store:
+        return ConsentRegistry.in_store(_open_store(store)), None
+    folder = state_dir or default_state_dir()
+    return ConsentRegistry.in_folder(folder), folder
+
+
+def _consent_audit(audit_log: Path | None, folder: Path | None, entry: dict[str, object]) -> None:
+    """A consent change in the audit log ``serve`` keeps, as the API's changes are."""
+    import getpass
+
+    from facecast.audit import AUDIT_FILE, AuditLog
+
+    path = audit_log or (folder / AUDIT_FILE if folder is not None else None)
+    if path is None:
+        return
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    AuditLog(path).write({**entry, "token": None, "client": f"cli:{user}"})
+
+
+@consent_app.command("add")
+def consent_add(
+    photos: Annotated[
+        list[Path],
+        # hidden: Typer would tag it <list[Path]> in the help; the text below says it
+        typer.Argument(metavar="PHOTO", hidden=True, show_default=False),
+    ],
+    name: Annotated[str, typer.Option("--name", metavar="NAME", help="Who they are, as listed.")],
+    state_dir: ConsentStateFlag = None,
+    store: ConsentStoreFlag = None,
+    audit_log: ConsentAuditFlag = None,
+) -> None:
+    """Enrol a person who agreed to their face being used.
+
+    Each PHOTO is a photo of the person (its largest face is used). The registry keeps each
+    photo's face descriptor and SHA-256, not the photo. A name already enrolled gets the
+    photos added: several photos of a person make a miss less likely.
+    """
+    from facecast.audit import image_sha256
+    from facecast.consent import check_name
+    from facecast.media.image_io import read_image
+
+    try:
+        check_name(name)
+        registry, folder = _consent_registry(state_dir, store)
+        images = [(read_image(photo), str(photo)) for photo in photos]
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+    faces = [{"role": label, "sha256": image_sha256(image)} for image, label in images]
+    entry: dict[str, object] = {"change": "consent_add", "person": name, "faces": faces}
+    try:
+        added = registry.add(name, images)
+    except FacecastError as exc:
+        _consent_audit(
+            audit_log, folder, {**entry, "allowed": False, "outcome": "failed", "reason": str(exc)}
+        )
+        raise fail(str(exc)) from None
+    _consent_audit(
+        audit_log, folder, {**entry, "allowed": True, "outcome": "allowed", "reason": None}
+    )
+    if chatty():
+        console.print(
+            f"{name}: enrolled, {added['photos']} photo(s) in {registry.where}", highlight=False
+        )
+
+
+@consent_app.command("list")
+def consent_list(state_dir: ConsentStateFlag = None, store: ConsentStoreFlag = None) -> None:
+    """List the enrolled people: name, photos, when added."""
+    try:
+        registry, _ = _consent_registry(state_dir, store)
+        people = registry.people()
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+    table = Table("name", "photos", "added", "sha256 of each photo (first 12)")
+    for person in people:
+        hashes = " ".join(photo["sha256"][:12] for photo in person["photos"])
+        table.add_row(person["name"], str(len(person["photos"])), person["added"] or "", hashes)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if chatty():
+        console.print(f"{len(people)} person(s) in {registry.where}", highlight=False)
+
+
+@consent_app.command("remove")
+def consent_remove(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", hidden=True, show_default=False)  # see add's
+    ],
+    state_dir: ConsentStateFlag = None,
+    store: ConsentStoreFlag = None,
+    audit_log: ConsentAuditFlag = None,
+) -> None:
+    """Remove a person: their face is refused from then on.
+
+    NAME is the person as listed. Profiles and running streams that already use their face
+    are not changed; with --require-consent, serve refuses to start while a profile does.
+    """
+    entry: dict[str, object] = {"change": "consent_remove", "person": name, "faces": []}
+    try:
+        registry, folder = _consent_registry(state_dir, store)
+        registry.remove(name)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+    _consent_audit(
+        audit_log, folder, {**entry, "allowed": True, "outcome": "allowed", "reason": None}
+    )
+    if chatty():
+        console.print(f"{name}: removed from {registry.where}", highlight=False)
 
 
 @app.command()

@@ -61,6 +61,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from facecast.errors import FacecastError, MediaError, NoFaceError
 from facecast.media.image_io import UnsupportedImageError, decode_image_bytes
 from facecast.metrics import CONTENT_TYPE, exposition, make_registry
+from facecast.moderation import FaceGate, audited, vet
 from facecast.streams import StreamEndedError, StreamManager, UnknownStreamError
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,11 @@ def create_app(
     max_upload: int = MAX_UPLOAD_BYTES,
     on_source: SourceHook | None = None,
     metrics_keys: str | None = None,
+    gate: FaceGate | None = None,
 ) -> FastAPI:
     """``metrics_keys``: ``key`` or ``hash`` (see ``metrics_label``); None reads
-    ``FACECAST_METRICS_KEYS``, ``key`` when it is not set."""
+    ``FACECAST_METRICS_KEYS``, ``key`` when it is not set. ``gate``: consent, moderation
+    and the audit log for a new source face (``facecast.moderation``; None: none)."""
     app = FastAPI(title="facecast", docs_url="/api/docs", openapi_url="/api/openapi.json")
     label = metrics_label(metrics_keys, token)
     registry = make_registry(manager, label=label)
@@ -144,11 +147,14 @@ def create_app(
             raise HTTPException(404, str(exc)) from None
 
     @app.post("/api/streams/{key}/source", dependencies=guard)
+    @audited("stream_source", gate)
     async def set_source(key: str, request: Request) -> dict[str, Any]:
         with stream_errors():
             manager.running(key)  # 404/409 before the upload is read
         name = f"upload for {key}"
         images = await read_image_uploads(request, max_upload, name)
+        # consent and moderation: a refused face (403) leaves the stream's face as it was
+        await vet(request, [(_role("source", i, images), image) for i, image in enumerate(images)])
         with stream_errors():
             # face detection takes a while: off the loop, where the hooks are served
             await run_in_threadpool(manager.set_sources, key, images, name)
@@ -170,6 +176,12 @@ def create_app(
         return {"key": key, "swapping": body.enabled}
 
     return app
+
+
+def _role(name: str, index: int, photos: list[Any]) -> str:
+    """What a photo is called in a refusal and the audit log: ``source``, or ``source 2``
+    of several photos of the person."""
+    return f"{name} {index + 1}" if len(photos) > 1 else name
 
 
 def metrics_label(mode: str | None, token: str | None) -> Callable[[str], str] | None:

@@ -23,6 +23,7 @@ last until the process stops and uploads go to a temporary folder.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -42,16 +43,18 @@ from urllib.parse import parse_qs
 
 import numpy as np
 from fastapi import HTTPException, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from facecast.config import StreamSettings
+from facecast.consent import check_profiles, consent_routes
 from facecast.errors import FacecastError
 from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.select import Selection
 from facecast.ingest import IngestServer
 from facecast.live import engine_options
 from facecast.metrics import ClusterCollector, IngestCollector
+from facecast.moderation import DEFAULT_TIMEOUT, audited, build_gate, vet
 from facecast.profiles import (
     BLENDS,
     KEY_RE,
@@ -84,7 +87,9 @@ from facecast.store import (
 )
 from facecast.streams import DEFAULT_RETENTION, StreamManager, UnknownStreamError
 from facecast.web import mount_web
-from facecast.webrtc import WebSessions
+from facecast.webrtc import BadOfferError, NegotiationTimeout, WebSessions
+from facecast.whip import BusyKeyError, WhepEgress, WhipIngest
+from facecast.whip import UnknownSessionError as WebrtcSessionError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +130,10 @@ class Service:
         viewer_auth: bool | None = None,
         store: ClusterStore | None = None,
         advertise: str | None = None,
+        require_consent: bool = False,
+        moderation_url: str | None = None,
+        moderation_timeout: float = DEFAULT_TIMEOUT,
+        audit_log: Path | None = None,
     ) -> None:
         """Nothing starts until ``start()``: ``app`` can be driven on its own (tests do).
         ``profiles``: from the ``--profiles`` file; ``state_dir``: where the API's changes
@@ -136,12 +145,31 @@ class Service:
         ``store`` makes this the ingest of a cluster (``serve --role ingest``): published
         keys go to the store for workers to take instead of to pipelines here, profiles
         live in the store (``state_dir`` is not used), and ``advertise`` is the host name
-        workers reach this ingest's RTMP port at."""
+        workers reach this ingest's RTMP port at.
+
+        Face changes (``facecast.moderation``): ``require_consent``: every source face, the
+        profiles' at start included, must match a person in the consent registry (kept
+        with the state: ``state_dir``, or the store); ``moderation_url``: the webhook that
+        allows or denies each new face, within ``moderation_timeout`` seconds;
+        ``audit_log``: the JSON lines file of every attempt (None: ``audit.log`` in
+        ``state_dir``, or none without one)."""
         self.max_upload = max_upload
         self.store = store
         self.base = base or StreamSettings()
         self.manager = StreamManager(retention)
         self._load_profiles(profiles, state_dir, store)
+        self.gate = build_gate(
+            token=token,
+            state_dir=state_dir if store is None else None,
+            store=store,
+            require_consent=require_consent,
+            moderation_url=moderation_url,
+            moderation_timeout=moderation_timeout,
+            audit_log=audit_log,
+        )
+        if require_consent:  # before anything starts: a profile's face nobody agreed to
+            assert self.gate.registry is not None
+            check_profiles(self.gate.registry, self.profiles)
         self.host = bind_host(host, token)
         self.http_port = http_port
         # Per-run secrets, known only to this process and the nginx it starts (its config
@@ -180,11 +208,19 @@ class Service:
         if store is not None:
             self.manager.checks.append(lambda: store_problems(store))
             self.manager.collectors.append(ClusterCollector(store))
-        self.app = create_app(self.manager, token, max_upload, on_source=self._source_changed)
+        self.app = create_app(
+            self.manager, token, max_upload, on_source=self._source_changed, gate=self.gate
+        )
         # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
         self.web = WebSessions(engine_options(self.base))
-        mount_web(self.app, self.web, token, max_upload)
+        # WHIP in (relayed to live/KEY on our own ingest), WHEP out (swapped/KEY as it is)
+        self.whip = WhipIngest(lambda key: self.ingest.rtmp_url("live", key))
+        self.whep = WhepEgress(lambda key: self.play_urls(key)["rtmp"])
+        self._add_webrtc_routes(token)  # before /web is mounted: /web/watch/KEY is a route
+        mount_web(self.app, self.web, token, max_upload, gate=self.gate)
         self._add_routes(token)
+        if self.gate.registry is not None:  # GET/POST /api/consent, DELETE /api/consent/NAME
+            consent_routes(self.app, self.gate.registry, self.gate, token, max_upload)
         if store is not None:
             self.app.add_api_route(
                 "/api/cluster", self._cluster, methods=["GET"], dependencies=bearer_guard(token)
@@ -299,6 +335,7 @@ class Service:
         self._halt.set()
         if self._refresher is not None:
             self._refresher.join(5)
+        self._close_webrtc()
         self.manager.stop_all()
         self.web.close_all_blocking()  # on the HTTP loop, so before the HTTP plane stops
         self.ingest.stop()
@@ -325,6 +362,7 @@ class Service:
             for key, p in sorted(self.profiles.items())
         }
 
+    @audited("profile_set")  # consent, moderation and the audit log: see self.gate
     async def _put_profile(
         self, key: str, request: Request, faces: str = "all", blend: str = "feather"
     ) -> dict[str, Any]:
@@ -342,6 +380,7 @@ class Service:
         name = f"face for {key}"
         image = await read_image_upload(request, self.max_upload, name)
         await run_in_threadpool(_require_face, image, name)
+        await vet(request, [("source", image)])  # 403 when refused: nothing changes
         path = self._store(image)
         old = self.profiles.get(key)
         kept = (old.references, old.models) if old else ((), ())
@@ -363,6 +402,7 @@ class Service:
         log.info("profile %s: deleted through the API", key)
         return {"key": key, "deleted": True, "stream_running": running}
 
+    @audited("reference")
     async def _add_reference(self, key: str, request: Request) -> dict[str, Any]:
         """One more person for ``key``'s profile to swap (reference mode): the body is
         ``{"photo": BASE64, "face": BASE64}``, or multipart parts ``photo`` and ``face``;
@@ -373,6 +413,9 @@ class Service:
         images = await self._reference_upload(request, key)
         for what, image in images.items():
             await run_in_threadpool(_require_face, image, f"reference {what} for {key}")
+        # the face put on the person needs consent; the photo of who is swapped does not
+        face_part = [("face", images["face"])] if "face" in images else []
+        await vet(request, face_part, [("photo", images["photo"])])
         profile = self.profiles.get(key)  # again: it may have been deleted meanwhile
         if profile is None:
             raise HTTPException(404, f"no profile for stream key {key!r}")
@@ -576,6 +619,114 @@ class Service:
             self.ingest.worker_url("swapped", key),
         )
 
+    # ------------------------------------------------------------------ WHIP and WHEP
+
+    def _add_webrtc_routes(self, token: str | None) -> None:
+        self._token = token
+        add = self.app.add_api_route
+        add("/whip/{key}", self._whip_offer, methods=["POST"], status_code=201)
+        add("/whip/{key}", self._whip_options, methods=["OPTIONS"], include_in_schema=False)
+        add("/whip/{key}/{session}", self._whip_delete, methods=["DELETE"])
+        add("/whip/{key}/{session}", _no_trickle, methods=["PATCH"])
+        add("/whep/{key}", self._whep_offer, methods=["POST"], status_code=201)
+        add("/whep/{key}", self._whip_options, methods=["OPTIONS"], include_in_schema=False)
+        add("/whep/{key}/{session}", self._whep_delete, methods=["DELETE"])
+        add("/whep/{key}/{session}", _no_trickle, methods=["PATCH"])
+        add("/web/watch/{key}", self._watch_page, methods=["GET"], include_in_schema=False)
+
+    def _bearer(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+
+    def _require_token(self, request: Request) -> None:
+        """WHIP's auth is the API token, as a bearer token (RFC 9725, section 4.5)."""
+        given = self._bearer(request)
+        if self._token and not (given and hmac.compare_digest(given, self._token)):
+            raise HTTPException(401, "a WHIP publisher needs the API token as its bearer token")
+
+    def _require_viewer(self, request: Request, key: str) -> None:
+        """WHEP viewers: anyone when viewer auth is off (as for HLS); else the key's play
+        token (or the API token) as the bearer token."""
+        if not self.viewer_auth:
+            return
+        given = self._bearer(request) or ""
+        allowed = [self.ingest.play_token(key), *([self._token] if self._token else [])]
+        if not any(hmac.compare_digest(given, a) for a in allowed):
+            raise HTTPException(401, f"watching {key!r} needs its play token (GET /api/play/KEY)")
+
+    async def _sdp_offer(self, request: Request, key: str) -> str:
+        if key not in self.profiles:
+            raise HTTPException(404, f"no profile for stream key {key!r}")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/sdp":
+            raise HTTPException(415, "the offer must be sent as Content-Type: application/sdp")
+        body = await read_limited(request, 64 * 1024)
+        try:
+            return body.decode()
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the offer is not text") from None
+
+    async def _whip_offer(self, key: str, request: Request) -> Response:
+        """A WHIP publisher's offer for ``key``: 201, the answer and the session's URL."""
+        self._require_token(request)
+        offer = await self._sdp_offer(request, key)
+        with self._publishers_lock:
+            busy = key in self._publishers
+        if busy:
+            raise HTTPException(409, f"stream key {key!r} already has a publisher")
+        try:
+            session, answer = await self.whip.create(key, offer)
+        except (BadOfferError, BusyKeyError) as exc:
+            raise HTTPException(409 if isinstance(exc, BusyKeyError) else 400, str(exc)) from None
+        except NegotiationTimeout as exc:
+            raise HTTPException(503, str(exc)) from None
+        return _sdp_created(answer, f"/whip/{key}/{session}")
+
+    async def _whep_offer(self, key: str, request: Request) -> Response:
+        """A WHEP viewer's offer for ``key``'s swapped stream."""
+        self._require_viewer(request, key)
+        offer = await self._sdp_offer(request, key)
+        try:
+            session, answer = await self.whep.create(key, offer)
+        except BadOfferError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except (BusyKeyError, NegotiationTimeout) as exc:
+            raise HTTPException(503, str(exc)) from None
+        return _sdp_created(answer, f"/whep/{key}/{session}")
+
+    async def _whip_delete(self, key: str, session: str, request: Request) -> dict[str, Any]:
+        self._require_token(request)
+        try:
+            await self.whip.close(session)
+        except WebrtcSessionError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return {"key": key, "session": session, "ended": True}
+
+    async def _whep_delete(self, key: str, session: str, request: Request) -> dict[str, Any]:
+        self._require_viewer(request, key)
+        try:
+            await self.whep.close(session)
+        except WebrtcSessionError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return {"key": key, "session": session, "ended": True}
+
+    async def _whip_options(self) -> Response:
+        return Response(status_code=204, headers={"Accept-Post": "application/sdp"})
+
+    async def _watch_page(self, key: str) -> FileResponse:
+        return FileResponse(WATCH_PAGE, media_type="text/html")
+
+    def _close_webrtc(self) -> None:
+        """Every WHIP and WHEP session, closed on the loop they live on (shutdown)."""
+        for sessions in (self.whip, self.whep):
+            loop = sessions.loop
+            if loop is None or loop.is_closed() or not loop.is_running():
+                continue
+            future = asyncio.run_coroutine_threadsafe(sessions.close_all(), loop)
+            with contextlib.suppress(Exception):  # a timeout: the threads are daemons
+                future.result(10)
+
     # ------------------------------------------------------------------ cluster (ingest role)
 
     def _announce(self, key: str, client: str) -> None:
@@ -663,6 +814,24 @@ def stream_settings(
 
 
 # ---------------------------------------------------------------------------- API helpers
+
+WATCH_PAGE = Path(__file__).resolve().parent / "web" / "static" / "watch.html"
+
+
+def _sdp_created(answer: str, location: str) -> Response:
+    return Response(
+        answer,
+        status_code=201,
+        media_type="application/sdp",
+        headers={"Location": location},
+    )
+
+
+async def _no_trickle() -> Response:
+    """Trickle ICE and ICE restarts (PATCH) are not supported: RFC 9725 says 405; our
+    answers carry every candidate."""
+    return Response(status_code=405, headers={"Allow": "DELETE"})
+
 
 REFERENCE_FIELDS = ("photo", "face")
 

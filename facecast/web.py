@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 
 from facecast.errors import NoFaceError
+from facecast.moderation import FaceGate, audited, no_face_change, vet
 from facecast.server import (
     LOOPBACK,
     MAX_UPLOAD_BYTES,
@@ -69,8 +70,13 @@ class SwappingRequest(BaseModel):
 
 
 def web_router(
-    sessions: WebSessions, token: str | None, max_upload: int = MAX_UPLOAD_BYTES
+    sessions: WebSessions,
+    token: str | None,
+    max_upload: int = MAX_UPLOAD_BYTES,
+    gate: FaceGate | None = None,
 ) -> APIRouter:
+    """``gate``: consent, moderation and the audit log for every face a session is given,
+    a sample or an upload (``facecast.moderation``; None: none)."""
     # Handlers are coroutines: they run on the event loop the sessions live on.
     router = APIRouter(prefix="/api/web", dependencies=bearer_guard(token))
 
@@ -85,6 +91,7 @@ def web_router(
         return {"faces": sessions.sample_faces()}
 
     @router.post("/sessions")
+    @audited("web_face", gate, key="session_id")  # none yet: the audit line's key is null
     async def open_session(request: Request) -> dict[str, str]:
         # the offer plus some room for the JSON around it; parsed here so the limit holds
         body = await read_limited(request, MAX_SDP + 4096)
@@ -92,6 +99,14 @@ def web_router(
             offer = OfferRequest.model_validate_json(body)
         except ValidationError as exc:
             raise HTTPException(422, _first_error(exc)) from None
+        if offer.face and gate is not None:  # a sample face, vetted as any other face
+            try:
+                sample = await asyncio.to_thread(sessions.sample_image, offer.face)
+            except UnknownFaceError as exc:
+                raise HTTPException(422, str(exc)) from None
+            await vet(request, [(f"sample {offer.face}", sample)])
+        elif not offer.face:
+            no_face_change(request)  # no face yet: not a face change
         try:
             session, answer = await sessions.create(offer.sdp, offer.type, offer.face)
         except (SessionLimitError, NegotiationTimeout) as exc:
@@ -105,6 +120,7 @@ def web_router(
         return {"sessions": [s.status() for s in sessions.sessions()]}
 
     @router.put("/sessions/{session_id}/face")
+    @audited("web_face", gate, key="session_id")
     async def set_face(
         session_id: str, request: Request, sample: str | None = None, name: str | None = None
     ) -> dict[str, str]:
@@ -123,6 +139,9 @@ def web_router(
         else:
             label = _display_name(name)
             images = await read_image_uploads(request, max_upload, label)
+        several = len(images) > 1
+        roles = [f"{label} {i + 1}" if several else label for i in range(len(images))]
+        await vet(request, list(zip(roles, images, strict=True)))
         try:
             await sessions.set_face(session_id, images, label)
         except NoFaceError as exc:
@@ -157,10 +176,14 @@ def web_router(
 
 
 def mount_web(
-    app: FastAPI, sessions: WebSessions, token: str | None, max_upload: int = MAX_UPLOAD_BYTES
+    app: FastAPI,
+    sessions: WebSessions,
+    token: str | None,
+    max_upload: int = MAX_UPLOAD_BYTES,
+    gate: FaceGate | None = None,
 ) -> None:
     """The page's routes and static files on ``app``."""
-    app.include_router(web_router(sessions, token, max_upload))
+    app.include_router(web_router(sessions, token, max_upload, gate))
     app.mount("/web", StaticFiles(directory=STATIC, html=True), name="web")
 
 

@@ -192,7 +192,7 @@ def assert_marked(path: Path, visible_label: bool, source: str, faces: str = "al
     assert payload["visible_label"] is visible_label, payload
     assert payload["source_face"] == source, payload
     assert payload["faces"] == faces, payload
-    assert payload["digital_source_type"].endswith("/trainedAlgorithmicMedia"), payload
+    assert payload["digital_source_type"].endswith("/compositeWithTrainedAlgorithmicMedia"), payload
     return payload
 
 

@@ -90,14 +90,18 @@ from facecast.media.live_source import (
     SRT_BRIDGE,
     AudioParams,
     Bridge,
+    check_srt_endpoint,
+    check_srt_options,
     free_udp_port,
     redact,
+    srt_listens,
     with_query,
 )
-from facecast.media.mark import MARK_KEY
+from facecast.media.mark import MARK_KEY, sei_text
 from facecast.media.sink import (
     _AVCOL_RANGE_MPEG,
     _AVCOL_SPC_SMPTE170M,
+    SeiMarker,
     bgr_to_video_frame,
     fit_image,
 )
@@ -192,11 +196,15 @@ def plan_output(
         )
         return OutputPlan("rtp", url, "rtp", dict(_FLUSH), TICKS_90K, audio=False, sdp_path=sdp)
     if scheme == "srt":
+        check_srt_options(url)  # the URL goes to the bridge as given (passphrase, latency...)
         port = bridge_port or free_udp_port()
         local = f"udp://127.0.0.1:{port}?pkt_size={UDP_PAYLOAD}"
-        # -a:no: when the far end goes away the bridge exits, which the sink notices and
-        # answers with a fresh connection (bridge included).
-        bridge = [SRT_BRIDGE, "-a:no", "-loglevel:error", f"udp://127.0.0.1:{port}", url]
+        # A caller: -a:no, when the far end goes away the bridge exits, which the sink
+        # notices and answers with a fresh connection (bridge included). A listener:
+        # -a:yes, it listens again when a player leaves, and while nobody is on it drops
+        # what it reads, so the sink (UDP to the bridge) never waits for a player.
+        again = "-a:yes" if srt_listens(url) else "-a:no"
+        bridge = [SRT_BRIDGE, again, "-loglevel:error", f"udp://127.0.0.1:{port}", url]
         return OutputPlan(
             "srt", local, "mpegts", live_ts, TICKS_90K, bridge=bridge, delimit_frames=True
         )
@@ -276,6 +284,7 @@ class _Connection:
         self._sdp_done = False
         # AAC into anything but MPEG-TS: ADTS headers stripped (see open())
         self._adts: av.bitstream.BitStreamFilterContext | None = None
+        self._sei: SeiMarker | None = None  # the mark in every keyframe (see SeiMarker)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -337,6 +346,11 @@ class _Connection:
         plan = self.plan
         if plan.bridge:
             self.bridge = Bridge(plan.bridge)
+            # An SRT listener whose port is held would start, fail to bind and exit; the
+            # open would succeed (UDP to it) and the link flap. A failed open backs off.
+            problem = self.bridge.listen_problem()
+            if problem:
+                raise MediaError(problem)
             self.bridge.start()
         target = plan.target
         if plan.kind == "udp":
@@ -349,6 +363,7 @@ class _Connection:
             raise MediaError(_describe(exc)) from exc
         out = self._container
         self._video = self._add_video(out)
+        self._sei = SeiMarker.for_stream(out, self._video, self.mark)
         if self.audio_params is not None and plan.audio:
             self._audio = self._add_audio(out, self.audio_params)
         if self.mark:
@@ -386,6 +401,8 @@ class _Connection:
         options["bufsize"] = str(enc.maxrate)
         if enc.bitrate is None:
             options["crf"] = "23"
+        if self.mark and sei_text(self.mark) is not None:
+            options = SeiMarker.encoder_options(options)
         stream = out.add_stream("libx264", rate=enc.fps, options=options)
         stream.width, stream.height, stream.pix_fmt = enc.width, enc.height, "yuv420p"
         ctx = stream.codec_context
@@ -431,6 +448,8 @@ class _Connection:
             ctx.bit_rate = bit_rate
         packets = self._video.encode(frame)
         keyframe = any(p.is_keyframe for p in packets)
+        if self._sei is not None and keyframe:
+            packets = self._sei.apply(packets)
         if self.plan.delimit_frames:
             packets = [with_trailing_aud(p) for p in packets]
         if packets:
@@ -477,7 +496,10 @@ class _Connection:
             if self._container is not None:
                 if flush and self._video is not None and self.failed is None:
                     with contextlib.suppress(av.FFmpegError, OSError):
-                        self._container.mux(self._video.encode(None))
+                        flushed = self._video.encode(None)
+                        if self._sei is not None:
+                            flushed = self._sei.apply(flushed)
+                        self._container.mux(flushed)
                 self._container.close()
         except (av.FFmpegError, OSError) as exc:
             if flush:
@@ -567,6 +589,8 @@ class StreamSink:
         self.name = redact(self.url)
         self.width, self.height, rate = output_geometry(self.name, width, height, fps)
         self.plan = plan_output(self.url, sdp_path=sdp_path)
+        if self.plan.kind == "srt":
+            check_srt_endpoint(self.url)  # a listener's port in use: said now, in words
         if self.plan.kind == "file":
             parent = Path(self.plan.target).resolve().parent
             if not parent.is_dir():
@@ -604,6 +628,7 @@ class StreamSink:
         self._last_pts: int | None = None
         self._last_key_at: float | None = None
         self._force_key = False
+        self._srt_calls = 0  # SRT players the bridge has taken (see _usable)
         self._bit_rate: int | None = None  # the encoder's target after set_rate()
         self._latency: deque[float] = deque(maxlen=15)
         self._audio_clock = _AudioClock()
@@ -784,6 +809,11 @@ class StreamSink:
         if conn.bridge is not None and not conn.bridge.alive():
             self._lose(conn, conn.bridge.exit_reason())
             return None
+        if conn.bridge is not None and conn.bridge.calls != self._srt_calls:
+            # an SRT player called in (a listener's bridge serves one after another): a
+            # keyframe now, so it shows a picture at once instead of up to keyint later
+            self._srt_calls = conn.bridge.calls
+            self._force_key = True
         return conn
 
     def _lose(self, conn: _Connection, reason: str) -> None:

@@ -53,6 +53,8 @@ import errno
 import io
 import ipaddress
 import logging
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -82,6 +84,14 @@ MAX_CONSECUTIVE_READ_ERRORS = 32
 UDP_FIFO_PACKETS = 50_000  # FFmpeg's UDP ring buffer, in 188-byte units (~9 MB)
 UDP_SOCKET_BUFFER = 4 << 20  # kernel receive buffer: a 1 s hiccup of a 20 Mb/s stream
 SRT_BRIDGE = "srt-live-transmit"  # Debian package srt-tools; PyAV's FFmpeg has no libsrt
+# What srt-live-transmit (libsrt) accepts in an SRT URL's query; anything else it refuses
+# with "ConfigurePre: Operation not supported: Bad parameters" or "Invalid mode".
+SRT_MODES = ("caller", "client", "listener", "server", "rendezvous")
+SRT_PASSPHRASE_CHARS = (10, 79)
+SRT_KEY_LENGTHS = ("0", "16", "24", "32")
+# srt-live-transmit counts latency in ms, FFmpeg and OBS in µs: a value past this many ms
+# (10 s) is most likely meant as µs, and gets a warning.
+SRT_LATENCY_WARN_MS = 10_000
 # Longest wait between looks at an input that is up but has nothing to give yet (a key nobody
 # publishes on, a UDP port nobody sends to): see "Retry cadence" in the module docstring.
 ABSENT_POLL_S = 1.0
@@ -265,9 +275,15 @@ def plan_input(
     if scheme == "srt":
         if shutil.which(SRT_BRIDGE) is None:
             raise MediaError(f"{url}: SRT input needs {SRT_BRIDGE} (Debian package srt-tools)")
+        check_srt_options(url)
         port = bridge_port or free_udp_port()
         local = f"udp://127.0.0.1:{port}"
-        bridge = [SRT_BRIDGE, "-a:no", "-loglevel:error", url, local]
+        # The URL goes to the bridge as given: its query (passphrase, pbkeylen, latency,
+        # streamid, ...) sets the SRT socket options. A caller's bridge exits when the far
+        # end goes away (-a:no) and the input starts a new one; a listener's listens again
+        # for the next caller (-a:yes) and is kept across callers (see StreamSource).
+        again = "-a:yes" if srt_listens(url) else "-a:no"
+        bridge = [SRT_BRIDGE, again, "-loglevel:error", url, local]
         return InputPlan("srt", local, "mpegts", {**udp_options, **probe(1.0)}, bridge=bridge)
     if scheme in ("http", "https"):
         options = {"rw_timeout": backstop, **probe(1.0)}
@@ -334,6 +350,103 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+# ---------------------------------------------------------------------------- SRT URLs
+
+
+def srt_query(url: str) -> dict[str, str]:
+    """An SRT URL's query as srt-live-transmit reads it: ``key=value`` pairs, undecoded."""
+    items = (item.partition("=") for item in urlsplit(url).query.split("&") if item)
+    return {key: value for key, _, value in items}
+
+
+def srt_listens(url: str) -> bool:
+    """Whether srt-live-transmit waits for a caller on ``url``: ``mode=listener`` (or its
+    other name, ``server``), or no mode and no host (``srt://:9000``)."""
+    mode = srt_query(url).get("mode")
+    return mode in ("listener", "server") or (mode is None and not urlsplit(url).hostname)
+
+
+def srt_listen_address(url: str) -> str:
+    """``HOST:PORT`` a listener binds: the ``adapter`` option, else the URL's host (none:
+    every interface)."""
+    parts = urlsplit(url)
+    host = srt_query(url).get("adapter") or parts.hostname or "0.0.0.0"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{host}:{port if port is not None else '?'}"
+
+
+def check_srt_options(url: str) -> None:
+    """A MediaError, in words, for an SRT URL srt-live-transmit would refuse (it says only
+    "Bad parameters" or "Invalid mode", and exits): no port, an unknown mode, a passphrase
+    libsrt does not take, a key length it does not know. Other options pass through as
+    given; srt-live-transmit ignores names it does not know."""
+    name = redact(url)
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None or port == 0:
+        raise MediaError(f"{name}: an SRT URL needs a port, e.g. srt://0.0.0.0:9000?mode=listener")
+    query = srt_query(url)
+    mode = query.get("mode")
+    if mode is not None and mode not in SRT_MODES:
+        raise MediaError(f"{name}: SRT mode must be caller, listener or rendezvous, not {mode!r}")
+    low, high = SRT_PASSPHRASE_CHARS
+    passphrase = query.get("passphrase")
+    if passphrase is not None and not low <= len(passphrase) <= high:
+        # the value itself is a secret: only its length is said
+        raise MediaError(
+            f"{name}: an SRT passphrase must be {low} to {high} characters long, "
+            f"not {len(passphrase)}"
+        )
+    key = query.get("pbkeylen")
+    if key is not None and key not in SRT_KEY_LENGTHS:
+        raise MediaError(f"{name}: SRT pbkeylen must be 0, 16, 24 or 32 (bytes), not {key!r}")
+
+
+def check_srt_endpoint(url: str) -> None:
+    """At start, before any bridge runs: a listener whose port another program holds is a
+    MediaError now (srt-live-transmit would only say "srt_bind: Connection setup failure"
+    and exit, and a live input would retry that forever). A latency that looks like
+    FFmpeg's microseconds gets a warning: srt-live-transmit counts milliseconds."""
+    name = redact(url)
+    for key in ("latency", "rcvlatency", "peerlatency"):
+        value = srt_query(url).get(key, "")
+        if value.isdigit() and int(value) > SRT_LATENCY_WARN_MS:
+            log.warning(
+                "%s: %s=%s means %g s here: facecast's SRT URLs count milliseconds "
+                "(srt-live-transmit), FFmpeg and OBS count microseconds",
+                name,
+                key,
+                value,
+                int(value) / 1000,
+            )
+    problem = srt_listen_problem(url)
+    if problem:
+        raise MediaError(f"{name}: {problem}")
+
+
+def srt_listen_problem(url: str) -> str | None:
+    """Why an SRT listener on ``url`` could not listen now (a bind to its UDP port fails:
+    another program holds it), in words; None if it could, or if ``url`` is a caller."""
+    if not srt_listens(url):
+        return None
+    where = srt_listen_address(url)
+    host, _, port = where.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((host, int(port)))
+        except (OSError, ValueError) as exc:  # ValueError: no port (check_srt_options says)
+            in_use = getattr(exc, "errno", None) == errno.EADDRINUSE
+            why = "in use by another program" if in_use else _describe(exc)
+            return f"cannot listen on {where} ({why})"
+    return None
+
+
 # ---------------------------------------------------------------------------- SRT bridge
 
 
@@ -342,12 +455,36 @@ class Bridge:
 
     Its stderr goes to a temporary file (a pipe nobody reads would fill and block it), and
     its last line explains an exit. ``stop()`` is bounded: SIGTERM, then SIGKILL.
+
+    The SRT side's state is read from the same file, where srt-live-transmit says it: a
+    caller's "SRT source connected" / "SRT target connected", a listener's "Accepted SRT
+    source connection" / "Accepted SRT target connection" (no "connected" in it), and
+    "SRT source disconnected" / "SRT target disconnected" when the peer goes. ``calls``
+    counts the connections so far, ``hangups`` the disconnections (with ``-a:yes`` a
+    listener takes the next caller after one leaves, so both keep counting).
     """
+
+    _UP = re.compile(
+        rb"(?:Accepted SRT (?:source|target) connection|SRT (?:source|target) connected)"
+    )
+    _DOWN = re.compile(rb"SRT (?:source|target) disconnected")
 
     def __init__(self, command: list[str]):
         self.command = command
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         self._proc: subprocess.Popen[bytes] | None = None
+        self._srt = next((arg for arg in command if arg.startswith("srt://")), "")
+        self._lock = threading.Lock()
+        self._read_at = 0  # how much of the log has been scanned
+        self._partial = b""  # a line not finished yet
+        self._calls = 0
+        self._hangups = 0
+
+    def listen_problem(self) -> str | None:
+        """Before ``start``: why this bridge's SRT listener could not listen (its port is
+        held), or None. srt-live-transmit itself would only exit with "srt_bind:
+        Connection setup failure"."""
+        return srt_listen_problem(self._srt) if self._srt else None
 
     def start(self) -> None:
         try:
@@ -367,23 +504,69 @@ class Bridge:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def calls(self) -> int:
+        """SRT connections made (caller) or accepted (listener) so far."""
+        self._scan()
+        return self._calls
+
+    @property
+    def hangups(self) -> int:
+        """SRT connections that ended so far."""
+        self._scan()
+        return self._hangups
+
+    def peer_up(self) -> bool:
+        """Whether the SRT side is connected now (a listener: a caller is on)."""
+        self._scan()
+        return self._calls > self._hangups
+
+    def _scan(self) -> None:
+        # pread: the child writes through the same open file, so this file's offset is
+        # its offset too, and must not move back under it.
+        with self._lock:
+            if self._log.closed:
+                return
+            fd = self._log.fileno()
+            while chunk := os.pread(fd, 65536, self._read_at):
+                self._read_at += len(chunk)
+                self._partial += chunk
+            *lines, self._partial = self._partial.split(b"\n")
+            for line in lines:
+                if self._UP.fullmatch(line.strip()):
+                    self._calls += 1
+                elif self._DOWN.fullmatch(line.strip()):
+                    self._hangups += 1
+
+    def _text(self) -> str:
+        with self._lock:
+            if self._log.closed:
+                return ""
+            fd, chunks, at = self._log.fileno(), [], 0
+            while chunk := os.pread(fd, 65536, at):
+                chunks.append(chunk)
+                at += len(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
     def exit_reason(self) -> str:
         code = self._proc.poll() if self._proc else None
         if code is not None and code < 0:
             return f"{self.command[0]} was killed (signal {-code})"
-        self._log.seek(0)
-        lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln]
+        lines = [ln for ln in self._text().splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else ""
+        if "srt_bind" in last and srt_listens(self._srt):
+            # "srt_bind: Connection setup failure: unable to create/configure SRT socket"
+            return f"cannot listen on {srt_listen_address(self._srt)} (in use by another program?)"
+        if "ConfigurePre" in last or "Invalid mode" in last:
+            return f"{self.command[0]} refused the SRT options in the URL ({last})"
         return f"{self.command[0]} exited with code {code}" + (f": {last}" if last else "")
 
     def wait_connected(self, timeout: float, halted: Halted) -> bool:
-        """Wait until srt-live-transmit reports its SRT side connected ("SRT source
-        connected" / "SRT target connected" on stderr); False if it exits, time runs out
-        or ``halted()``."""
+        """Wait until the SRT side is connected (``peer_up``); False if the bridge exits,
+        time runs out or ``halted()``."""
         end = time.monotonic() + timeout
         while time.monotonic() < end and not halted():
-            self._log.seek(0)
-            if b"connected" in self._log.read():
+            if self.peer_up():
                 return True
             if not self.alive():
                 return False
@@ -402,7 +585,8 @@ class Bridge:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("%s (pid %d) does not die", self.command[0], proc.pid)
-        self._log.close()
+        with self._lock:
+            self._log.close()
 
 
 # ---------------------------------------------------------------------------- hand-off
@@ -486,13 +670,17 @@ class _Session:
     audio: av.AudioStream | None
     bridge: Bridge | None
     frames: int = 0
+    # An SRT listener's bridge outlives the session (it is the input's, kept listening
+    # across callers); ``call`` is its count of callers when this one's session opened.
+    keep_bridge: bool = False
+    call: int = 0
 
     def close(self) -> None:
         try:
             self.container.close()
         except (av.FFmpegError, OSError) as exc:
             log.debug("closing input: %s", exc)
-        if self.bridge is not None:
+        if self.bridge is not None and not self.keep_bridge:
             self.bridge.stop()
 
 
@@ -538,6 +726,8 @@ class StreamSource:
             with open_input(self.plan.target) as probe:
                 if not probe.streams.video:
                     raise MediaError(f"{self.plan.target}: no video stream")
+        if self.plan.kind == "srt":
+            check_srt_endpoint(self.url)  # a listener's port in use: said now, in words
 
         self.connected = False
         self.state_since = time.monotonic()
@@ -560,6 +750,10 @@ class StreamSource:
         self._down_attempts = 0  # failed attempts since then
         self._next_summary = 0.0  # when the next "still waiting" line is due
         self.bridge_pid: int | None = None  # the SRT bridge of the current connection
+        # An SRT listener's bridge, kept across callers while the reader runs: the port
+        # stays open, so a caller that comes back (OBS reconnecting) is taken at once.
+        self._listener: Bridge | None = None
+        self._listener_plan: InputPlan | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -667,6 +861,9 @@ class StreamSource:
             if self.connected:
                 self.connected = False
                 self.state_since = time.monotonic()
+            if self._listener is not None:  # an SRT listener stops listening with its reader
+                self._listener.stop()
+                self._listener = None
             handoff.finish()
             # the last thing this thread does: its container is closed (see join())
             log.debug("%s: input reader done", self.name)
@@ -674,29 +871,9 @@ class StreamSource:
     def _open(self, halted: Halted) -> _Session:
         plan = self.plan
         bridge = None
+        keep, call = False, 0  # an SRT listener's bridge is kept (see _srt_bridge)
         if plan.bridge:
-            # A fresh port and process per attempt: the bridge restarts with the input.
-            plan = plan_input(
-                self.url, open_timeout=self.open_timeout, stall_timeout=self.stall_timeout
-            )
-            assert plan.bridge is not None
-            bridge = Bridge(plan.bridge)
-            try:
-                bridge.start()
-            except MediaError as exc:
-                raise _OpenFailed(str(exc)) from exc
-            # Only read once the SRT side is up: a caller with no listener fails here in
-            # the bridge's own connect timeout, and a stop is seen within 50 ms, instead
-            # of waiting out PyAV's open timeouts on a UDP port nobody sends to.
-            if not bridge.wait_connected(self.open_timeout, halted):
-                if bridge.alive():
-                    # A listener that nobody called is the SRT form of "nothing published".
-                    listening = _srt_listens(self.url)
-                    reason = "no SRT caller yet" if listening else "SRT connect timed out"
-                else:
-                    listening, reason = False, bridge.exit_reason()
-                bridge.stop()
-                raise _OpenFailed(reason, absent=listening)
+            plan, bridge, keep, call = self._srt_bridge(halted)
         # Files cannot block; everything else gets the interrupt-callback bounds.
         timeout = (self.open_timeout, self.stall_timeout) if plan.live else None
         started = time.monotonic()
@@ -720,7 +897,12 @@ class StreamSource:
             if bridge is not None:
                 if not bridge.alive():
                     reason, absent = bridge.exit_reason(), False
-                bridge.stop()
+                elif keep:
+                    # still listening: this caller sent nothing readable, or went away
+                    absent = True
+                    if not bridge.peer_up():
+                        reason = "the SRT caller went away"
+                self._drop_bridge(bridge, keep)
             raise _OpenFailed(reason, absent=absent) from exc
         try:
             if not container.streams.video:
@@ -735,9 +917,62 @@ class StreamSource:
         except BaseException:
             container.close()
             if bridge is not None:
-                bridge.stop()
+                self._drop_bridge(bridge, keep)
             raise
-        return _Session(container, video, audio, bridge)
+        return _Session(container, video, audio, bridge, keep_bridge=keep, call=call)
+
+    def _srt_bridge(self, halted: Halted) -> tuple[InputPlan, Bridge, bool, int]:
+        """The SRT bridge for one attempt, once its SRT side is connected: the plan that
+        reads it, the bridge, whether it is kept after the attempt, and its caller count.
+
+        A caller's bridge is new on every attempt (a fresh port and process: the bridge
+        restarts with the input). A listener's is started once and kept listening across
+        callers and attempts (``-a:yes``): stopping it while nobody calls would close the
+        port in the face of a caller coming back (OBS retrying: it got an I/O error).
+        """
+        listens = srt_listens(self.url)
+        bridge, plan = (self._listener, self._listener_plan) if listens else (None, None)
+        if bridge is None or plan is None or not bridge.alive():
+            if bridge is not None:
+                bridge.stop()  # it died: its reason was given when the input was lost
+            self._listener = None
+            plan = plan_input(
+                self.url, open_timeout=self.open_timeout, stall_timeout=self.stall_timeout
+            )
+            assert plan.bridge is not None
+            bridge = Bridge(plan.bridge)
+            try:
+                bridge.start()
+            except MediaError as exc:
+                raise _OpenFailed(str(exc)) from exc
+            if listens:
+                self._listener, self._listener_plan = bridge, plan
+        # Only read once the SRT side is up: a caller with no listener fails here in
+        # the bridge's own connect timeout, and a stop is seen within 50 ms, instead
+        # of waiting out PyAV's open timeouts on a UDP port nobody sends to.
+        if not bridge.wait_connected(self.open_timeout, halted):
+            if listens and bridge.alive():
+                # A listener that nobody called is the SRT form of "nothing published".
+                # It goes on listening; the retry wakes as soon as a caller is taken.
+                raise _OpenFailed("no SRT caller yet", absent=True)
+            reason = "SRT connect timed out" if bridge.alive() else bridge.exit_reason()
+            self._drop_bridge(bridge, False)
+            raise _OpenFailed(reason)
+        return plan, bridge, listens, bridge.calls
+
+    def _drop_bridge(self, bridge: Bridge, keep: bool) -> None:
+        """After a failed attempt: a caller's bridge is stopped, a listener's only if it
+        died (the next attempt starts another)."""
+        if keep and bridge.alive():
+            return
+        bridge.stop()
+        if bridge is self._listener:
+            self._listener = None
+
+    def _caller_waiting(self) -> bool:
+        """An SRT listener has taken a caller that no session reads yet."""
+        bridge = self._listener
+        return bridge is not None and bridge.peer_up()
 
     def _set_up(self, session: _Session) -> None:
         video, audio = session.video, session.audio
@@ -817,7 +1052,20 @@ class StreamSource:
         how = f" (then every ≤ {ABSENT_POLL_S:g} s while it is away)" if absent else ""
         level = logging.INFO if self._news else logging.DEBUG
         log.log(level, "%s: retry in %.1f s%s", self.name, delay, how)
-        return not _sleep(delay, halted)
+        # An SRT listener that takes a caller meanwhile cuts the wait short: what it
+        # forwards before a session reads it is lost. _sleep's True means woken: by a
+        # halt (stop the loop), or by that caller (go on, even if it went away since).
+        called: list[bool] = []
+
+        def woken() -> bool:
+            if halted():
+                return True
+            if self._caller_waiting():
+                called.append(True)
+                return True
+            return False
+
+        return not _sleep(delay, woken) or bool(called)
 
     def _pump(self, session: _Session, halted: Halted, handoff: _Handoff) -> str | None:
         """Read until the input fails: the reason, or None when halted or a file ended."""
@@ -889,8 +1137,12 @@ class StreamSource:
                     return reason
 
     def _stalled(self, session: _Session, last_video: float) -> str | None:
-        if session.bridge is not None and not session.bridge.alive():
-            return session.bridge.exit_reason()
+        bridge = session.bridge
+        if bridge is not None and not bridge.alive():
+            return bridge.exit_reason()
+        if bridge is not None and session.keep_bridge and bridge.hangups >= session.call:
+            # an SRT listener's caller left (it listens on for the next one)
+            return "the SRT caller went away"
         idle = time.monotonic() - last_video
         if idle > self.stall_timeout:
             return f"no video frame for {idle:.1f} s"
@@ -1078,19 +1330,16 @@ def _unresolvable(host: str) -> bool:
     return False
 
 
-def _srt_listens(url: str) -> bool:
-    """Whether the SRT bridge for ``url`` waits for a caller (``mode=listener``, or no host)."""
-    parts = urlsplit(url)
-    return dict(parse_qsl(parts.query)).get("mode") == "listener" or not parts.hostname
-
-
 __all__ = [
     "AudioParams",
     "Bridge",
     "InputPlan",
     "StreamSource",
+    "check_srt_endpoint",
+    "check_srt_options",
     "free_udp_port",
     "plan_input",
     "redact",
+    "srt_listens",
     "with_query",
 ]

@@ -19,13 +19,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import av.bitstream
 import av.container
 import cv2
 import numpy as np
 
 from facecast.errors import MediaError
 from facecast.media.frame import Frame
-from facecast.media.mark import MARK_KEY, make_mark
+from facecast.media.mark import MARK_KEY, SEI_UUID, SEI_UUID_BYTES, make_mark, sei_text
 from facecast.media.source import VideoFileSource
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,94 @@ class VideoQuality:
         if self.encoder == "libx265":
             options["x265-params"] = "log-level=error"  # x265 prints its banner otherwise
         return options
+
+
+class SeiMarker:
+    """Writes the mark into every H.264 keyframe as an SEI "user data unregistered" message
+    (``SEI_UUID`` + ``sei_text(mark)``), with FFmpeg's ``h264_metadata`` bitstream filter.
+
+    It travels with the picture: a remux (``ffmpeg -c copy`` to MKV, MPEG-TS, FLV), a
+    restream or a viewer joining mid-stream still finds it, where container tags are gone.
+
+    How the filter is applied, and why:
+    - Each keyframe packet goes through a fresh filter, other packets through none. The
+      filter puts ``sei_user_data`` into the first access unit it sees and then only into
+      those with an SPS (older FFmpeg) or flagged key (newer): an MP4 or FLV encoder keeps
+      its SPS out of band, so with one long-lived filter older FFmpeg marks only the first
+      keyframe. A fresh one per keyframe marks exactly the keyframes whatever the FFmpeg,
+      and the packets in between are not parsed and rewritten for nothing (setting one up
+      takes ~0.1 ms).
+    - The encoder must already put an SEI NAL unit before the slice of each keyframe
+      (``X264_PARAMS``: x264's picture timing SEI, a few bytes a frame). The filter adds
+      its message to the first SEI unit of the access unit; without one it makes a new unit
+      and, for an IDR picture, places it after the slice (FFmpeg's ``cbs_sei_get_unit``
+      looks for the first unit of a type below IDR_SLICE), where a parser takes it for the
+      start of the next frame: remuxed to MPEG-TS, the frame after each keyframe then lost
+      its timestamp.
+    - Each result is checked for the UUID (a byte search), so a filter that did nothing
+      is reported once instead of trusted.
+    """
+
+    # Asks x264 for a picture timing SEI in every access unit (see above).
+    X264_PARAMS = "pic-struct=1"
+
+    def __init__(
+        self, container: av.container.OutputContainer, stream: av.VideoStream, text: str
+    ) -> None:
+        self._container, self._stream = container, stream
+        self._filter = f"h264_metadata=sei_user_data={SEI_UUID}+{text}"
+        self._warned = False
+        self.marked = 0  # keyframes that carry the mark
+        self.missed = 0  # keyframes the filter left without it
+
+    @classmethod
+    def for_stream(
+        cls,
+        container: av.container.OutputContainer,
+        stream: av.VideoStream,
+        mark: dict[str, str] | None,
+    ) -> SeiMarker | None:
+        """A marker for an H.264 ``stream`` and a facecast ``mark``; None otherwise (H.265
+        and VP9 have no in-band mark: README, "Provenance")."""
+        text = sei_text(mark) if mark else None
+        if text is None or stream.codec_context.name != "libx264":
+            return None
+        return cls(container, stream, text)
+
+    @staticmethod
+    def encoder_options(options: dict[str, str]) -> dict[str, str]:
+        """``options`` for libx264 with ``X264_PARAMS`` merged in."""
+        merged = dict(options)
+        given = merged.get("x264-params")
+        extra = SeiMarker.X264_PARAMS
+        merged["x264-params"] = f"{given}:{extra}" if given else extra
+        return merged
+
+    def apply(self, packets: list[av.Packet]) -> list[av.Packet]:
+        """``packets`` with the mark in each keyframe (others pass untouched)."""
+        if not any(p.is_keyframe for p in packets):
+            return packets
+        # The filter reads the parameter sets from the stream's extradata, which PyAV
+        # fills in when the output starts (idempotent: the first mux would do it anyway).
+        self._container.start_encoding()
+        out: list[av.Packet] = []
+        for packet in packets:
+            if not packet.is_keyframe or packet.size == 0:
+                out.append(packet)
+                continue
+            bsf = av.bitstream.BitStreamFilterContext(self._filter, in_stream=self._stream)
+            filtered = bsf.filter(packet)
+            for item in filtered:
+                item.stream = self._stream
+            if any(SEI_UUID_BYTES in bytes(item) for item in filtered):
+                self.marked += 1
+            else:
+                self.missed += 1
+                if not self._warned:
+                    log.warning("h264_metadata did not add the in-band mark to a keyframe")
+                    self._warned = True
+            out.extend(filtered)
+        return out
 
 
 def bgr_to_video_frame(image: np.ndarray) -> av.VideoFrame:
@@ -218,6 +307,8 @@ class VideoFileSink:
         options = quality.codec_options()
         if tune:
             options["tune"] = tune
+        if codec == "libx264" and mark and sei_text(mark) is not None:
+            options = SeiMarker.encoder_options(options)
         try:
             stream = out.add_stream(codec, rate=self.fps, options=options)
         except (av.FFmpegError, ValueError) as exc:
@@ -233,6 +324,7 @@ class VideoFileSink:
         if sample_aspect_ratio:
             ctx.sample_aspect_ratio = sample_aspect_ratio
         self._video = stream
+        self._sei = SeiMarker.for_stream(out, stream, mark)
 
         if mark:
             for key, value in mark.items():
@@ -272,7 +364,7 @@ class VideoFileSink:
         vf = bgr_to_video_frame(self._fit(frame.image))
         vf.pts = self._next_pts(frame)
         vf.time_base = self.time_base
-        self._mux(self._video.encode(vf))
+        self._mux(self._encoded(self._video.encode(vf)))
         self.frames_written += 1
 
     def write_audio(self, packet: av.Packet) -> None:
@@ -326,6 +418,15 @@ class VideoFileSink:
         self._last_pts = pts
         return pts
 
+    def _encoded(self, packets: list[av.Packet]) -> list[av.Packet]:
+        """Video packets from the encoder, the in-band mark added to keyframes."""
+        if self._sei is None or not packets:
+            return packets
+        try:
+            return self._sei.apply(packets)
+        except av.FFmpegError as exc:
+            raise MediaError(f"{self.path}: cannot mark the video ({exc})") from exc
+
     def _mux(self, packets: list[av.Packet]) -> None:
         if not packets:
             return
@@ -341,7 +442,7 @@ class VideoFileSink:
         if self._closed:
             return
         try:
-            self._mux(self._video.encode(None))
+            self._mux(self._encoded(self._video.encode(None)))
             if self._audio is not None and self._audio_reencode:
                 self._mux(self._audio.encode(None))
             self._container.close()
