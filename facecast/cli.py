@@ -75,7 +75,7 @@ class Role(StrEnum):
 
 
 # Streams a worker takes by default: `facecast bench capacity` on 2 cores (docs/benchmarks.md).
-DEFAULT_CAPACITY = 1
+DEFAULT_CAPACITY = 2
 
 
 # Libraries that log at INFO about their own workings; a user wants facecast's lines.

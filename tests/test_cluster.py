@@ -79,16 +79,21 @@ class Cluster:
         self.api = f"http://127.0.0.1:{http_port}"
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
 
-    def add_worker(self, name: str, capacity: int = 3) -> subprocess.Popen[bytes]:
+    def add_workers(self, *names: str, capacity: int = 3) -> None:
+        """Start worker processes (all at once: each loads its models) and wait until
+        every one answers ready."""
         env = {**os.environ, "FACECAST_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
-        proc, port = start_worker(self.store.url, self.tmp / f"{name}.log", capacity, env)
-        self.live_procs.add(proc)
-        self.workers[name] = proc
-        try:
-            wait_ready(proc, port)
-        except FacecastError:
-            pytest.fail(self.log(name))
-        return proc
+        started = []
+        for name in names:
+            proc, port = start_worker(self.store.url, self.tmp / f"{name}.log", capacity, env)
+            self.live_procs.add(proc)
+            self.workers[name] = proc
+            started.append((name, proc, port))
+        for name, proc, port in started:
+            try:
+                wait_ready(proc, port)
+            except FacecastError:
+                pytest.fail(self.log(name))
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()[-4000:]
@@ -147,8 +152,7 @@ def cluster(tmp_path, live_procs):
 def test_keys_spread_over_workers_with_their_own_faces_and_move_when_a_worker_goes(
     cluster, analyser, embedder
 ):
-    for name in ("w1", "w2", "w3"):
-        cluster.add_worker(name)
+    cluster.add_workers("w1", "w2", "w3")
     for key in ("k0", "k1", "k2", "k3"):
         cluster.publish(key)
     assert wait_until(lambda: len(cluster.view()["owners"]) == 4, 40, 0.5), cluster.view()
@@ -178,7 +182,7 @@ def test_keys_spread_over_workers_with_their_own_faces_and_move_when_a_worker_go
     assert {k: cluster.owner(k) for k in kept} == kept
 
     # a worker started later takes the next key (the least loaded one)
-    cluster.add_worker("w4")
+    cluster.add_workers("w4")
     cluster.publish("k4_late")
     assert wait_until(lambda: cluster.owner("k4_late") is not None, 30, 0.5), cluster.view()
     assert cluster.owner("k4_late") == "w4"
@@ -201,8 +205,7 @@ def test_keys_spread_over_workers_with_their_own_faces_and_move_when_a_worker_go
 def test_a_store_restart_loses_no_key_and_runs_none_twice_and_profiles_reach_workers(
     cluster, analyser, embedder
 ):
-    for name in ("w1", "w2"):
-        cluster.add_worker(name, capacity=2)
+    cluster.add_workers("w1", "w2", capacity=2)
     for key in ("k0", "k1"):
         cluster.publish(key)
     assert wait_until(lambda: len(cluster.view()["owners"]) == 2, 40, 0.5), cluster.view()

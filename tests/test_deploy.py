@@ -617,9 +617,9 @@ def test_worker_requests_match_its_capacity_and_it_drains() -> None:
     capacity = capacity_of(workload)
     assert capacity >= 1
     requests = container(workload)["resources"]["requests"]
-    # one 720p30 stream per 2 CPUs (docs/benchmarks.md)
-    assert quantity(requests["cpu"]) == 2 * capacity
-    assert quantity(requests["memory"]) == 2 * 2**30 * capacity
+    # one 720p30 stream per CPU (facecast bench capacity, docs/benchmarks.md)
+    assert quantity(requests["cpu"]) == capacity
+    assert quantity(requests["memory"]) == 2**30 * capacity
     for w in worker_deployments():
         assert pod_spec(w)["terminationGracePeriodSeconds"] == 30, "SIGTERM drains"
         assert w["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
