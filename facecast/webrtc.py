@@ -452,13 +452,7 @@ class WebSessions:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
         session = WebSession(secrets.token_urlsafe(12), pc, engine, face, self.idle_timeout)
         try:
-            offer = RTCSessionDescription(sdp=sdp, type="offer")
-            try:
-                await _timed(pc.setRemoteDescription(offer))
-            except NegotiationTimeout:
-                raise
-            except Exception as exc:  # aiortc raises several kinds for a malformed offer
-                raise BadOfferError(f"cannot use the offer: {exc}") from None
+            await set_offer(pc, sdp)
             video = _video_transceiver(pc.getTransceivers())
             video.sender.replaceTrack(session.track)
             video.direction = "sendrecv"
@@ -568,6 +562,17 @@ def _video_transceiver(transceivers: list[RTCRtpTransceiver]) -> RTCRtpTransceiv
     if video is None:
         raise BadOfferError("the offer has no video")
     return video
+
+
+async def set_offer(pc: RTCPeerConnection, sdp: str) -> None:
+    """``pc``'s remote description from an SDP offer: BadOfferError (in words) for one
+    aiortc cannot use, NegotiationTimeout if it takes too long."""
+    try:
+        await _timed(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")))
+    except NegotiationTimeout:
+        raise
+    except Exception as exc:  # aiortc raises several kinds for a malformed offer
+        raise BadOfferError(f"cannot use the offer: {exc}") from None
 
 
 async def _timed(step: Awaitable[None]) -> None:

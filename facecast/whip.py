@@ -37,12 +37,18 @@ from typing import Any
 
 import av
 import cv2
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from facecast.errors import FacecastError
 from facecast.slots import Closed, LatestSlot
-from facecast.webrtc import BadOfferError, NegotiationTimeout, _close_quietly, _timed
+from facecast.webrtc import (
+    BadOfferError,
+    NegotiationTimeout,
+    _close_quietly,
+    _timed,
+    set_offer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +117,10 @@ class WhipIngest:
         pc = RTCPeerConnection()
         session = WhipSession(secrets.token_urlsafe(12), key, pc)
         try:
-            await _timed(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")))
-        except NegotiationTimeout:
+            await set_offer(pc, sdp)
+        except BaseException:
             await _close_quietly(pc)
             raise
-        except Exception as exc:
-            await _close_quietly(pc)
-            raise BadOfferError(f"cannot use the offer: {exc}") from None
         video = None
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "video" and video is None:
@@ -373,22 +376,18 @@ class WhepEgress:
                     if c.mimeType == "video/H264" and c.parameters.get("packetization-mode") == "1"
                 ]
             )
-            await _timed(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")))
+            await set_offer(pc, sdp)
             for transceiver in pc.getTransceivers():
                 if transceiver is not video:
                     transceiver.direction = "inactive"
             answer = await _finish_answer(pc)
-        except NegotiationTimeout:
+        except BaseException as exc:
             track.stop()
             await _close_quietly(pc)
-            raise
-        except BadOfferError:
-            track.stop()
-            await _close_quietly(pc)
-            raise
-        except Exception as exc:
-            track.stop()
-            await _close_quietly(pc)
+            if isinstance(exc, (BadOfferError, NegotiationTimeout)) or not isinstance(
+                exc, Exception
+            ):
+                raise
             raise BadOfferError(f"cannot answer the offer: {exc}") from None
 
         @pc.on("connectionstatechange")
