@@ -35,7 +35,7 @@ Fixtures:
   stopped at teardown even if the test fails.
 
 Functions: ``publish``, ``srt_bridge``, ``wait_for_stream``, ``wait_for_http``, ``probe``,
-``codecs``, ``open_stream``, ``grab_frames``, ``stop_process``, ``process_log``.
+``codecs``, ``open_stream``, ``grab_frames``, ``stop_process``, ``process_log``, ``in_parallel``.
 
 Every wait takes a timeout and every subprocess call is bounded, so no helper can hang a run.
 ffmpeg/ffprobe are Debian's (``deploy/apt-packages.txt``; ``scripts/setup`` installs them);
@@ -58,6 +58,7 @@ Behaviour of the ingest server worth knowing (measured; see tests/test_ingest.py
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import shutil
@@ -274,6 +275,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.1)
     return condition()  # one last look: the deadline may have passed during a sleep
 
 
+def in_parallel(*calls: Callable[[], Any]) -> list[Any]:
+    """Run ``calls`` (each bounded by its own timeout) on threads at once, so their waits on
+    live streams overlap; their results in order. Once all have ended, the first exception
+    any of them raised is raised here."""
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [future.result() for future in futures]
+
+
 def wait_for_http(url: str, timeout: float = 10.0) -> bytes:
     """GET ``url`` until it answers 200 (e.g. an HLS playlist that appears later); the body."""
     deadline = time.monotonic() + timeout
@@ -427,6 +437,7 @@ __all__ = [
     "LiveProcs",
     "codecs",
     "grab_frames",
+    "in_parallel",
     "ingest_factory",
     "ingest_server",
     "ingest_session",

@@ -18,7 +18,7 @@ from .conftest import MEDIA
 ingest_server = live_helpers.ingest_server
 
 CLIP = MEDIA / "short_hamilton_clip.mp4"
-BITRATE = 4_000_000
+BITRATE = 8_000_000  # the more it sends, the sooner a slow link's buffers fill
 
 
 def test_output_rate_steps_down_on_a_throttled_link_and_back_up(ingest_server, tmp_path):
@@ -45,8 +45,8 @@ def test_output_rate_steps_down_on_a_throttled_link_and_back_up(ingest_server, t
         assert wait_until(lambda: stats.frames_out > 90, 20), stats
         assert stats.rate_level == 1.0 and stats.rate_changes == 0
 
-        # 1.2 Mb/s for a 4 Mb/s stream; the sender's socket buffer (~3.5 MB on Linux
-        # loopback) fills in ~10 s, and then its writes block
+        # 1.2 Mb/s for an 8 Mb/s stream; the sender's socket buffer (~3.5 MB on Linux
+        # loopback) fills in ~4 s, and then its writes block
         relay.set_rate(150_000)
         assert wait_until(lambda: stats.rate_level < 1.0, 45), stats
         stepped_down = time.monotonic()

@@ -28,7 +28,7 @@ from facecast.faces.embed import face_distance
 from facecast.ingest import free_ports
 from facecast.media import gst
 from tests import live_helpers
-from tests.live_helpers import publish, stop_process
+from tests.live_helpers import publish, stop_process, wait_until
 from tests.media_helpers import (
     _scaled,
     blurred_background,
@@ -192,7 +192,9 @@ def test_gst_in_gst_out_swaps_and_survives_the_sender_restarting(
     # The sender leaves (facecast's input stalls and rebuilds), then a new one comes back
     # with a white left edge: frames carrying it prove the input flows again.
     stop_process(sender)
-    time.sleep(3.5)
+    # facecast's input notices the stall (and rebuilds) before the new sender comes
+    stalled = lambda: "lost (no frame for" in log_path.read_text()  # noqa: E731
+    assert wait_until(stalled, 15), log_path.read_text()[-3000:]
     assert facecast.poll() is None, log_path.read_text()[-3000:]
     marked = face_still(tmp_path / "marked.png", white_edge=True)
     live_procs.add(send_still(marked, port_in, tmp_path / "sender2.log"))

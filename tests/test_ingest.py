@@ -123,7 +123,8 @@ def test_reading_a_key_nobody_publishes_fails_fast(ingest_server) -> None:
 
 def test_restart_mid_publish(ingest_server, live_procs) -> None:
     url = ingest_server.rtmp_url("live", "cam2")
-    pub = live_procs.add(publish(url, CLIP, loop=True))
+    # a 0.5 s GOP: a reader (the probe, the grab) joins at the next keyframe
+    pub = live_procs.add(publish(url, CLIP, loop=True, codec_args=FAST_GOP_ARGS))
     wait_for_stream(url, timeout=10)
     old_pid = ingest_server.pid
     started = time.monotonic()
@@ -133,20 +134,20 @@ def test_restart_mid_publish(ingest_server, live_procs) -> None:
     assert ingest_server.is_running and ingest_server.pid != old_pid
     # The publisher's connection was cut: ffmpeg gives up (a real publisher would reconnect).
     pub.wait(timeout=5)
-    pub2 = live_procs.add(publish(url, CLIP, loop=True))
+    pub2 = live_procs.add(publish(url, CLIP, loop=True, codec_args=FAST_GOP_ARGS))
     assert len(grab_frames(url, 3, timeout=10)) == 3, process_log(pub2)  # retries until up
 
 
 def test_reload_cuts_live_sessions_so_they_reconnect(ingest_server, live_procs) -> None:
     """A publisher left on an old worker would be invisible to new readers: reload() cuts it."""
     url = ingest_server.rtmp_url("live", "cam3")
-    pub = live_procs.add(publish(url, CLIP, loop=True))
+    pub = live_procs.add(publish(url, CLIP, loop=True, codec_args=FAST_GOP_ARGS))
     wait_for_stream(url, timeout=10)
     pid = ingest_server.pid
     ingest_server.reload()
     assert ingest_server.pid == pid
     pub.wait(timeout=5)  # cut, as after restart()
-    live_procs.add(publish(url, CLIP, loop=True))
+    live_procs.add(publish(url, CLIP, loop=True, codec_args=FAST_GOP_ARGS))
     assert len(grab_frames(url, 1, timeout=10)) == 1
 
 
@@ -165,7 +166,7 @@ def test_supervisor_restarts_nginx_when_its_master_is_killed(ingest_factory, liv
     assert exits == ["nginx was killed (SIGKILL)"]
     assert server.problems() == []
     url = server.rtmp_url("live", "again")
-    live_procs.add(publish(url, CLIP, loop=True))
+    live_procs.add(publish(url, CLIP, loop=True, codec_args=FAST_GOP_ARGS))
     assert len(grab_frames(url, 1, timeout=10)) == 1
     server.stop()
     assert not server.is_running and server.problems() == []

@@ -91,15 +91,29 @@ def engine():
     return engine
 
 
-def run_pipeline(engine, source, sink, seconds, **kwargs):
+def run_pipeline(engine, source, sink, seconds, until=None, **kwargs):
+    """Run for ``seconds`` at most (or until the source ends); with ``until``, stop as soon
+    as ``until()`` is true (looked at every 50 ms)."""
     pipeline = LivePipeline(engine, source, lambda w, h, fps, audio: sink, **kwargs)
     stop = threading.Event()
     timer = threading.Timer(seconds, stop.set)
     timer.start()
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            if until():
+                stop.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    if until is not None:
+        watcher.start()
     try:
         stats = pipeline.run(stop)
     finally:
         timer.cancel()
+        stop.set()
+    if until is not None:
+        watcher.join(1)
     return pipeline, stats
 
 
@@ -140,7 +154,10 @@ def test_a_backed_up_output_steps_the_rate_down(engine):
     """Each write takes 60 ms at a 15 fps input (67 ms a frame): the controller steps down."""
     source = PacedSource(fps=15, seconds=4.0)
     sink = RecordingSink(delay=0.06)
-    _, stats = run_pipeline(engine, source, sink, seconds=4.2, bitrate=2_000_000)
+    # ends at the first new rate the sink is given (or after the 4 s of input)
+    _, stats = run_pipeline(
+        engine, source, sink, seconds=4.2, until=lambda: sink.rates, bitrate=2_000_000
+    )
     print(f"rate changes {stats.rate_changes}, level {stats.rate_level:.2f}, {sink.rates}")
     assert stats.rate_changes >= 1 and stats.rate_level < 1.0
     assert sink.rates and sink.rates[0][0] < 15 and sink.rates[0][1] < 2_000_000

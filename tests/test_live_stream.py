@@ -7,19 +7,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from facecast.ingest import free_port
 from tests import live_helpers
-from tests.live_helpers import codecs, grab_frames, probe, publish, stop_process, wait_for_stream
+from tests.live_helpers import (
+    codecs,
+    grab_frames,
+    probe,
+    publish,
+    stop_process,
+    wait_for_stream,
+    wait_until,
+)
 
 from .conftest import MEDIA, REPO, load
 from .media_helpers import identity_distances
+from .test_hostile_network import udp_port_bound
 
 ingest_server = live_helpers.ingest_server
 live_procs = live_helpers.live_procs
@@ -28,8 +39,10 @@ CLIP = MEDIA / "short_hamilton_clip.mp4"
 FACE = REPO / "examples" / "obama.jpg"
 
 
-def start_stream(input_url: str, output_url: str, log_path: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_stream(
+    input_url: str, output_url: str, log_path: Path, *extra: str, env: dict | None = None
+) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [
         sys.executable,
         "-m",
@@ -68,9 +81,18 @@ def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[int | None,
     return code, time.monotonic() - start
 
 
+_ANALYSING = threading.Lock()
+
+
 def grab_face_frames(url: str, analyser, n: int, timeout: float) -> list:
-    """``n`` frames of a live URL that show a face (the clip has a faceless stretch)."""
-    return grab_frames(url, n, timeout, keep=lambda image: bool(analyser.analyse(image)))
+    """``n`` frames of a live URL that show a face (the clip has a faceless stretch). Grabs
+    may run on several threads at once (``in_parallel``): one analysis at a time."""
+
+    def has_face(image) -> bool:
+        with _ANALYSING:
+            return bool(analyser.analyse(image))
+
+    return grab_frames(url, n, timeout, keep=has_face)
 
 
 def face_distance_to_source(analyser, embedder, frames, source_embedding) -> float:
@@ -142,7 +164,8 @@ def test_garbage_on_the_udp_input_is_survived(live_procs, tmp_path):
     out_file = tmp_path / "out.ts"
     log_path = tmp_path / "stream.log"
     facecast = live_procs.add(start_stream(udp_in, str(out_file), log_path))
-    time.sleep(2)
+    # the garbage must reach facecast's input: sent once it listens
+    assert wait_until(lambda: udp_port_bound(in_port), 30), log_text(log_path)[-3000:]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for i in range(300):
             sock.sendto(
@@ -165,10 +188,18 @@ def test_garbage_on_the_udp_input_is_survived(live_procs, tmp_path):
 
 def test_unreachable_input_retries_quietly_and_stops_on_sigterm(live_procs, tmp_path):
     log_path = tmp_path / "stream.log"
+    # a status line a second: it counts the input's attempts
     facecast = live_procs.add(
-        start_stream("rtmp://127.0.0.1:9/live/nobody", str(tmp_path / "out.ts"), log_path)
+        start_stream(
+            "rtmp://127.0.0.1:9/live/nobody",
+            str(tmp_path / "out.ts"),
+            log_path,
+            env={"FACECAST_STATUS_INTERVAL": "1"},
+        )
     )
-    time.sleep(6)
+    # still running after several attempts (a few seconds of backing off)
+    attempts = re.compile(r"reconnects in ([3-9]|\d\d+) ")
+    assert wait_until(lambda: attempts.search(log_text(log_path)), 30), log_text(log_path)[-3000:]
     assert facecast.poll() is None
     code, seconds = terminate(facecast)
     text = log_text(log_path)
@@ -181,7 +212,9 @@ def test_sigterm_leaves_a_playable_file(live_procs, tmp_path):
     out_file = tmp_path / "out.mp4"
     log_path = tmp_path / "stream.log"
     facecast = live_procs.add(start_stream(str(CLIP), str(out_file), log_path, "--realtime"))
-    time.sleep(6)
+    # the output is open (the models are loaded), then 2 s (~50 frames) are recorded
+    assert wait_until(lambda: "output opened" in log_text(log_path), 30), log_text(log_path)
+    time.sleep(2)
     code, seconds = terminate(facecast)
     assert code == 0 and seconds < 5, log_text(log_path)[-3000:]
     info = probe(str(out_file))
@@ -193,10 +226,12 @@ def test_sigterm_leaves_a_playable_file(live_procs, tmp_path):
 def test_probe_measures_glass_to_glass_through_a_running_stream(live_procs, tmp_path):
     """`facecast probe` publishes stamped frames into a running `facecast stream` over
     loopback UDP and reads the swapped output back; every stamp it reads is a latency."""
-    udp_in, udp_out = (f"udp://127.0.0.1:{port}" for port in (free_port(), free_port()))
+    in_port = free_port()
+    udp_in, udp_out = (f"udp://127.0.0.1:{port}" for port in (in_port, free_port()))
     log_path = tmp_path / "stream.log"
     facecast = live_procs.add(start_stream(udp_in, udp_out, log_path))
-    time.sleep(3)  # the engine loads its models before it listens
+    # the engine loads its models before it listens
+    assert wait_until(lambda: udp_port_bound(in_port), 30), log_text(log_path)[-3000:]
     cmd = [sys.executable, "-m", "facecast.cli", "probe", "--publish", udp_in, "--read", udp_out]
     cmd += ["--seconds", "8", "--size", "480x270", "--warmup", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)

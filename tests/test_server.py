@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -42,11 +43,21 @@ def manager():
     manager.stop_all()
 
 
-def file_stream(manager: StreamManager, key: str, out, realtime: bool = True):
+def file_stream(manager: StreamManager, key: str, out, realtime: bool = True, clip=CLIP):
     settings = StreamSettings(
-        source_image=FACE, input=str(CLIP), output=str(out), realtime=realtime
+        source_image=FACE, input=str(clip), output=str(out), realtime=realtime
     )
     return manager.start(key, settings)
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory) -> Path:
+    """The first 6 s of the test clip (about 150 frames; remuxed, not re-encoded): a paced
+    file stream that runs long enough to be looked at while it runs, and then ends."""
+    path = tmp_path_factory.mktemp("short") / "short.mp4"
+    cmd = [live_helpers.FFMPEG, "-v", "error", "-i", str(CLIP), "-t", "6", "-c", "copy"]
+    subprocess.run([*cmd, str(path)], check=True, capture_output=True, timeout=30)
+    return path
 
 
 # ---------------------------------------------------------------------------- security
@@ -136,7 +147,7 @@ def test_metrics_can_label_streams_by_a_keyed_hash(manager, tmp_path, monkeypatc
     """/metrics is open (scrapers send no token), so keys that are secrets can be hashed
     there: FACECAST_METRICS_KEYS=hash. The token holder finds each stream's label in
     /api/streams."""
-    udp_stream(manager, "secret-key", tmp_path / "s.ts")
+    idle_stream(manager, "secret-key", tmp_path / "s.ts")
     monkeypatch.setenv("FACECAST_METRICS_KEYS", "hash")
     client = TestClient(create_app(manager, TOKEN))
     text = client.get("/metrics").text
@@ -159,7 +170,9 @@ def test_metrics_can_label_streams_by_a_keyed_hash(manager, tmp_path, monkeypatc
 # ---------------------------------------------------------------------------- readiness
 
 
-def test_readyz_follows_the_input(manager, live_procs, tmp_path):
+def test_readyz_follows_the_input(live_procs, manager, tmp_path):
+    # (the manager is set up last so it stops first: its input still flowing, the reader
+    # ends at once instead of waiting out a read timeout)
     udp_in = f"udp://127.0.0.1:{free_port()}"
     settings = StreamSettings(
         source_image=FACE, input=udp_in, output=str(tmp_path / "out.ts"), stall_timeout=2
@@ -211,18 +224,22 @@ def utc(text: str) -> float:
     return moment.timestamp()
 
 
-def udp_stream(manager: StreamManager, key: str, out, **settings) -> None:
-    """A stream on a UDP input nobody publishes to: it runs (input down) until stopped."""
+def idle_stream(manager: StreamManager, key: str, out, **settings) -> None:
+    """A stream whose input is never up: it runs (input down) until stopped. The input is
+    an RTMP server that refuses the connection, so the reader waits between attempts, where
+    a stop reaches it at once (a UDP input would listen out its 5 s open timeout first)."""
     manager.start(
         key,
         StreamSettings(
-            source_image=FACE, input=f"udp://127.0.0.1:{free_port()}", output=str(out), **settings
+            source_image=FACE, input="rtmp://127.0.0.1:1/live/nobody", output=str(out), **settings
         ),
     )
 
 
-def test_status_times_are_utc_wall_clock_and_an_ended_stream_stays_listed(manager, tmp_path):
-    handle = file_stream(manager, "cam", tmp_path / "cam.ts")  # paced: about 9 s
+def test_status_times_are_utc_wall_clock_and_an_ended_stream_stays_listed(
+    manager, tmp_path, short_clip
+):
+    handle = file_stream(manager, "cam", tmp_path / "cam.ts", clip=short_clip)  # paced: 6 s
     client = TestClient(create_app(manager, TOKEN), headers=AUTH)
     assert wait_until(lambda: client.get("/api/streams/cam").json()["input"]["up"], 30)
     status = client.get("/api/streams/cam").json()
@@ -266,7 +283,7 @@ def test_status_times_are_utc_wall_clock_and_an_ended_stream_stays_listed(manage
 
 
 def test_a_failed_stream_is_listed_as_failed_until_it_expires(manager, tmp_path):
-    udp_stream(manager, "ok", tmp_path / "ok.ts")
+    idle_stream(manager, "ok", tmp_path / "ok.ts")
     file_stream(manager, "bad", tmp_path / "missing-folder" / "bad.ts")  # the output fails
     client = TestClient(create_app(manager, TOKEN), headers=AUTH)
     assert wait_until(lambda: client.get("/api/streams/bad").json()["state"] == "failed", 30)
@@ -293,7 +310,7 @@ def test_a_failed_stream_is_listed_as_failed_until_it_expires(manager, tmp_path)
 
 
 def test_multipart_source_uploads_get_the_same_checks(manager, tmp_path):
-    udp_stream(manager, "cam1", tmp_path / "cam1.ts")
+    idle_stream(manager, "cam1", tmp_path / "cam1.ts")
     limit = 2 * 1024 * 1024
     client = TestClient(create_app(manager, TOKEN, max_upload=limit))
     url = "/api/streams/cam1/source"

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -26,7 +27,7 @@ from facecast.media.image_io import read_image
 from facecast.server import MAX_UPLOAD_BYTES
 from facecast.service import Service, load_profiles
 from tests import live_helpers
-from tests.live_helpers import publish, stop_process, wait_for_stream, wait_until
+from tests.live_helpers import in_parallel, publish, stop_process, wait_for_stream, wait_until
 
 from .conftest import MEDIA, REPO
 from .media_helpers import identity_distances
@@ -81,14 +82,17 @@ def test_two_keys_each_get_their_own_face_and_the_api_changes_only_one(
     faces = {n: embedding(analyser, embedder, n) for n in names}
     for key in ("alice", "bob"):
         live_procs.add(publish(service.ingest.rtmp_url("live", key), CLIP, loop=True))
-    for key in ("alice", "bob"):
-        wait_for_stream(service.ingest.rtmp_url("swapped", key), timeout=40)
+    swapped = {key: service.ingest.rtmp_url("swapped", key) for key in ("alice", "bob")}
+    for url in swapped.values():
+        wait_for_stream(url, timeout=40)
 
-    def distances(key: str) -> dict[str, float]:
-        frames = grab_face_frames(service.ingest.rtmp_url("swapped", key), analyser, 12, 40)
-        return identity_distances(analyser, embedder, frames, faces)
+    def distances(*keys: str) -> list[dict[str, float]]:
+        """Per key, in order: its output's distances to the faces (its frames grabbed at
+        the same time as the other keys')."""
+        grabs = (partial(grab_face_frames, swapped[key], analyser, 12, 40) for key in keys)
+        return [identity_distances(analyser, embedder, f, faces) for f in in_parallel(*grabs)]
 
-    alice, bob = distances("alice"), distances("bob")
+    alice, bob = distances("alice") + distances("bob")
     print("alice", alice, "bob", bob)
     assert alice["obama.jpg"] < alice["biden.jpg"]
     assert bob["biden.jpg"] < bob["obama.jpg"]
@@ -99,7 +103,7 @@ def test_two_keys_each_get_their_own_face_and_the_api_changes_only_one(
     reply = httpx.post(f"{base}/api/streams/bob/source", content=photo, headers=auth, timeout=30)
     assert reply.status_code == 200, reply.text
     time.sleep(1.0)
-    bob_after, alice_after = distances("bob"), distances("alice")
+    bob_after, alice_after = distances("bob", "alice")
     print("after: alice", alice_after, "bob", bob_after)
     assert bob_after["alex-lacamoire.png"] < bob_after["biden.jpg"]
     assert bob_after["alex-lacamoire.png"] < bob["alex-lacamoire.png"]
@@ -770,14 +774,14 @@ def test_several_photos_through_the_api_become_the_profiles_source_folder(tmp_pa
     """Repeated `file` parts: the running stream takes all of them (each face gets the
     nearest in expression), and they are kept as the key's source, a folder in the state,
     across a restart."""
-    from .test_server import udp_stream
+    from .test_server import idle_stream
 
     path = tmp_path / "profiles.yaml"
     path.write_text(f"alice:\n  source: {MEDIA / 'obama.jpg'}\n")
     state = tmp_path / "state"
     svc = make_service(tmp_path, path, state)
     try:
-        udp_stream(svc.manager, "alice", tmp_path / "alice.ts")
+        idle_stream(svc.manager, "alice", tmp_path / "alice.ts")
         client = TestClient(svc.app)
         people = MEDIA / "people"
         files = [
