@@ -47,6 +47,7 @@ from facecast.webrtc import (
     NegotiationTimeout,
     _close_quietly,
     _timed,
+    _video_transceiver,
     set_offer,
 )
 
@@ -118,20 +119,10 @@ class WhipIngest:
         session = WhipSession(secrets.token_urlsafe(12), key, pc)
         try:
             await set_offer(pc, sdp)
-        except BaseException:
-            await _close_quietly(pc)
-            raise
-        video = None
-        for transceiver in pc.getTransceivers():
-            if transceiver.kind == "video" and video is None:
-                video = transceiver
-                transceiver.direction = "recvonly"
-            else:  # audio is not relayed yet (see docs/webrtc.md): answered inactive
-                transceiver.direction = "inactive"
-        if video is None:
-            await _close_quietly(pc)
-            raise BadOfferError("the offer has no video")
-        try:
+            # the offer's first video, received; the rest (audio is not relayed yet, see
+            # docs/webrtc.md) answered inactive, as the browser page does
+            video = _video_transceiver(pc.getTransceivers())
+            video.direction = "recvonly"
             answer = await _finish_answer(pc)
         except BaseException:
             await _close_quietly(pc)
