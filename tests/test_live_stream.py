@@ -85,14 +85,16 @@ _ANALYSING = threading.Lock()
 
 
 def grab_face_frames(url: str, analyser, n: int, timeout: float) -> list:
-    """``n`` frames of a live URL that show a face (the clip has a faceless stretch). Grabs
+    """``n`` frames of a live URL that show one face: the clip's singer, facing the camera.
+    Its faceless stretch is skipped, and so is its audience scene, whose small profiles judge
+    identity poorly (the largest of them, half swapped in profile, is nearest nobody). Grabs
     may run on several threads at once (``in_parallel``): one analysis at a time."""
 
-    def has_face(image) -> bool:
+    def one_face(image) -> bool:
         with _ANALYSING:
-            return bool(analyser.analyse(image))
+            return len(analyser.analyse(image)) == 1
 
-    return grab_frames(url, n, timeout, keep=has_face)
+    return grab_frames(url, n, timeout, keep=one_face)
 
 
 def face_distance_to_source(analyser, embedder, frames, source_embedding) -> float:

@@ -11,6 +11,7 @@ Every wait polls with a bound; nothing asserts a speed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,8 +287,7 @@ def test_a_listener_output_whose_port_is_taken_while_live_retries(feeders, caplo
     squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         os.kill(bridge, signal.SIGKILL)
-        assert wait_until(lambda: not bridges_on(port), 5)
-        squatter.bind(("127.0.0.1", port))
+        assert take_port(squatter, port), "the squatter never got the port"
         assert wait_until(lambda: sink.reconnects >= 3, 10), sink.reconnects
         said = " ".join(r.getMessage() for r in caplog.records)
         assert f"cannot listen on 127.0.0.1:{port} (in use" in said, said[-2000:]
@@ -297,6 +298,23 @@ def test_a_listener_output_whose_port_is_taken_while_live_retries(feeders, caplo
     decoded, errors = play(caller_url(port), 5)
     assert decoded == 5, errors
     assert feeder.error is None and "Traceback" not in caplog.text
+
+
+def take_port(squatter: socket.socket, port: int, timeout: float = 5) -> bool:
+    """Bind ``squatter`` to ``port`` although the sink reopens its output within 0.2 s:
+    whichever bridge won the port since is killed too, until the squatter wins the race."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in bridges_on(port):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            squatter.bind(("127.0.0.1", port))
+        except OSError:
+            time.sleep(0.01)  # the killed bridge's socket is not closed yet
+        else:
+            return True
+    return False
 
 
 def bridges_on(port: int) -> list[int]:
