@@ -584,8 +584,8 @@ def stream(
             "--input",
             "-i",
             metavar="URL",
-            help="rtmp://, udp://, an .sdp file (RTP), .m3u8, srt://, /dev/videoN, gst:... "
-            "or a file [env TARGET_STREAM].",
+            help="rtmp://, udp://, an .sdp file (RTP), .m3u8, srt://, whip-listen://HOST:PORT/"
+            "PATH, /dev/videoN, gst:... or a file [env TARGET_STREAM].",
         ),
     ] = None,
     output_url: Annotated[

@@ -12,6 +12,7 @@ and come back when it recovers.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -437,6 +438,20 @@ def build_pipeline(
 
     assert settings.input and settings.output
     assert source_image is not None or settings.source_image
+    # the input first: a port in use or a bad URL is said before the models load
+    from facecast.media import gst
+    from facecast.whip_listen import WhipListenSource, is_whip_listen
+
+    source: Any
+    if gst.is_gst(settings.input):
+        source = gst.GstSource(settings.input, stall_timeout=settings.stall_timeout)
+    elif is_whip_listen(settings.input):
+        # publishers' bearer token: the same as service mode's API token
+        source = WhipListenSource(settings.input, token=os.environ.get("FACECAST_API_TOKEN"))
+    else:
+        source = StreamSource(
+            settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
+        )
     options = engine_options(settings)
     engine = SwapEngine(options)
     source_name = str(settings.source_image or "uploaded face")
@@ -450,15 +465,6 @@ def build_pipeline(
     for photo, face in settings.references:
         face_image = None if face is None else read_image(face)  # None: the stream's face
         engine.add_reference(read_image(photo), face_image, name=str(photo))
-    from facecast.media import gst
-
-    source: Any
-    if gst.is_gst(settings.input):
-        source = gst.GstSource(settings.input, stall_timeout=settings.stall_timeout)
-    else:
-        source = StreamSource(
-            settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
-        )
     if gst.is_gst(settings.output):
         gst.check_output(settings.output)  # a broken description fails now, not at frame 1
     mark = output_mark(source_name, options)

@@ -498,6 +498,9 @@ class ThreadedServer:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
 
 class TimedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's head: ``header_timeout``

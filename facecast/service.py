@@ -88,7 +88,16 @@ from facecast.store import (
 from facecast.streams import DEFAULT_RETENTION, StreamManager, UnknownStreamError
 from facecast.web import mount_web
 from facecast.webrtc import BadOfferError, NegotiationTimeout, WebSessions
-from facecast.whip import BusyKeyError, WhepEgress, WhipIngest
+from facecast.whip import (
+    BusyKeyError,
+    RtmpRelay,
+    WhepEgress,
+    WhipIngest,
+    accept_post,
+    no_trickle,
+    read_offer,
+    sdp_created,
+)
 from facecast.whip import UnknownSessionError as WebrtcSessionError
 
 log = logging.getLogger(__name__)
@@ -214,7 +223,7 @@ class Service:
         # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
         self.web = WebSessions(engine_options(self.base))
         # WHIP in (relayed to live/KEY on our own ingest), WHEP out (swapped/KEY as it is)
-        self.whip = WhipIngest(lambda key: self.ingest.rtmp_url("live", key))
+        self.whip = WhipIngest(RtmpRelay(lambda key: self.ingest.rtmp_url("live", key)))
         self.whep = WhepEgress(lambda key: self.play_urls(key)["rtmp"])
         self._add_webrtc_routes(token)  # before /web is mounted: /web/watch/KEY is a route
         mount_web(self.app, self.web, token, max_upload, gate=self.gate)
@@ -625,13 +634,13 @@ class Service:
         self._token = token
         add = self.app.add_api_route
         add("/whip/{key}", self._whip_offer, methods=["POST"], status_code=201)
-        add("/whip/{key}", self._whip_options, methods=["OPTIONS"], include_in_schema=False)
+        add("/whip/{key}", accept_post, methods=["OPTIONS"], include_in_schema=False)
         add("/whip/{key}/{session}", self._whip_delete, methods=["DELETE"])
-        add("/whip/{key}/{session}", _no_trickle, methods=["PATCH"])
+        add("/whip/{key}/{session}", no_trickle, methods=["PATCH"])
         add("/whep/{key}", self._whep_offer, methods=["POST"], status_code=201)
-        add("/whep/{key}", self._whip_options, methods=["OPTIONS"], include_in_schema=False)
+        add("/whep/{key}", accept_post, methods=["OPTIONS"], include_in_schema=False)
         add("/whep/{key}/{session}", self._whep_delete, methods=["DELETE"])
-        add("/whep/{key}/{session}", _no_trickle, methods=["PATCH"])
+        add("/whep/{key}/{session}", no_trickle, methods=["PATCH"])
         add("/web/watch/{key}", self._watch_page, methods=["GET"], include_in_schema=False)
 
     def _bearer(self, request: Request) -> str | None:
@@ -658,14 +667,7 @@ class Service:
     async def _sdp_offer(self, request: Request, key: str) -> str:
         if key not in self.profiles:
             raise HTTPException(404, f"no profile for stream key {key!r}")
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/sdp":
-            raise HTTPException(415, "the offer must be sent as Content-Type: application/sdp")
-        body = await read_limited(request, 64 * 1024)
-        try:
-            return body.decode()
-        except UnicodeDecodeError:
-            raise HTTPException(400, "the offer is not text") from None
+        return await read_offer(request)
 
     async def _whip_offer(self, key: str, request: Request) -> Response:
         """A WHIP publisher's offer for ``key``: 201, the answer and the session's URL."""
@@ -681,7 +683,7 @@ class Service:
             raise HTTPException(409 if isinstance(exc, BusyKeyError) else 400, str(exc)) from None
         except NegotiationTimeout as exc:
             raise HTTPException(503, str(exc)) from None
-        return _sdp_created(answer, f"/whip/{key}/{session}")
+        return sdp_created(answer, f"/whip/{key}/{session}")
 
     async def _whep_offer(self, key: str, request: Request) -> Response:
         """A WHEP viewer's offer for ``key``'s swapped stream."""
@@ -693,7 +695,7 @@ class Service:
             raise HTTPException(400, str(exc)) from None
         except (BusyKeyError, NegotiationTimeout) as exc:
             raise HTTPException(503, str(exc)) from None
-        return _sdp_created(answer, f"/whep/{key}/{session}")
+        return sdp_created(answer, f"/whep/{key}/{session}")
 
     async def _whip_delete(self, key: str, session: str, request: Request) -> dict[str, Any]:
         self._require_token(request)
@@ -710,9 +712,6 @@ class Service:
         except WebrtcSessionError as exc:
             raise HTTPException(404, str(exc)) from None
         return {"key": key, "session": session, "ended": True}
-
-    async def _whip_options(self) -> Response:
-        return Response(status_code=204, headers={"Accept-Post": "application/sdp"})
 
     async def _watch_page(self, key: str) -> FileResponse:
         return FileResponse(WATCH_PAGE, media_type="text/html")
@@ -816,21 +815,6 @@ def stream_settings(
 # ---------------------------------------------------------------------------- API helpers
 
 WATCH_PAGE = Path(__file__).resolve().parent / "web" / "static" / "watch.html"
-
-
-def _sdp_created(answer: str, location: str) -> Response:
-    return Response(
-        answer,
-        status_code=201,
-        media_type="application/sdp",
-        headers={"Location": location},
-    )
-
-
-async def _no_trickle() -> Response:
-    """Trickle ICE and ICE restarts (PATCH) are not supported: RFC 9725 says 405; our
-    answers carry every candidate."""
-    return Response(status_code=405, headers={"Allow": "DELETE"})
 
 
 REFERENCE_FIELDS = ("photo", "face")

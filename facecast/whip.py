@@ -37,10 +37,13 @@ from typing import Any
 
 import av
 import cv2
+import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from fastapi import HTTPException, Request, Response
 
 from facecast.errors import FacecastError
+from facecast.server import read_limited
 from facecast.slots import Closed, LatestSlot
 from facecast.webrtc import (
     BadOfferError,
@@ -80,6 +83,47 @@ def check_offer(sdp: str) -> None:
         raise BadOfferError("the offer has no video")
 
 
+def bgr_at(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
+    """``frame`` as BGR, at ``size`` (width, height) when given: a WebRTC sender scales its
+    video to its bandwidth and CPU as it goes, while an encoder downstream keeps the size
+    it was opened with."""
+    image = frame.to_ndarray(format="bgr24")
+    if size is not None and (image.shape[1], image.shape[0]) != size:
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    return image
+
+
+async def read_offer(request: Request) -> str:
+    """A WHIP/WHEP request's SDP offer: ``application/sdp`` (else 415), at most MAX_SDP
+    bytes (else 413), text (else 400)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/sdp":
+        raise HTTPException(415, "the offer must be sent as Content-Type: application/sdp")
+    body = await read_limited(request, MAX_SDP)
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the offer is not text") from None
+
+
+def sdp_created(answer: str, location: str) -> Response:
+    """RFC 9725's answer to an accepted offer: 201, the SDP answer, the session's URL."""
+    return Response(
+        answer, status_code=201, media_type="application/sdp", headers={"Location": location}
+    )
+
+
+async def no_trickle() -> Response:
+    """Trickle ICE and ICE restarts (PATCH) are not supported: RFC 9725 says 405; our
+    answers carry every candidate."""
+    return Response(status_code=405, headers={"Allow": "DELETE"})
+
+
+async def accept_post() -> Response:
+    """OPTIONS on a WHIP/WHEP endpoint: what it takes."""
+    return Response(status_code=204, headers={"Accept-Post": "application/sdp"})
+
+
 async def _finish_answer(pc: RTCPeerConnection) -> str:
     await _timed(pc.setLocalDescription(await pc.createAnswer()))
     return pc.localDescription.sdp
@@ -101,11 +145,17 @@ class WhipSession:
     closed: bool = False
 
 
-class WhipIngest:
-    """Open WHIP sessions; each relays its video to ``live_url(key)`` over RTMP."""
+# What a WHIP session's video goes to: called on a thread of its own per session, it takes
+# frames from ``session.slot`` until the session closes (``Closed``).
+Consumer = Callable[[WhipSession], None]
 
-    def __init__(self, live_url: Callable[[str], str]) -> None:
-        self.live_url = live_url
+
+class WhipIngest:
+    """Open WHIP sessions; each hands its video to ``consume`` (``RtmpRelay`` in service
+    mode, the pipeline's input for ``stream --input whip-listen://``)."""
+
+    def __init__(self, consume: Consumer) -> None:
+        self.consume = consume
         self._sessions: dict[str, WhipSession] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the HTTP server's, once known
 
@@ -138,7 +188,7 @@ class WhipIngest:
             self._read(session, video.receiver.track), name=f"whip-{session.id}-read"
         )
         session.relay = threading.Thread(
-            target=self._relay, args=(session,), name=f"whip-{session.id}-relay", daemon=True
+            target=self.consume, args=(session,), name=f"whip-{session.id}-relay", daemon=True
         )
         session.relay.start()
         log.info("WHIP %s: publisher on %s", session.id, key)
@@ -156,47 +206,6 @@ class WhipIngest:
             self._end(session, reason)
         except asyncio.CancelledError:
             pass
-
-    def _relay(self, session: WhipSession) -> None:
-        """Publish the session's frames to live/KEY (an ffmpeg process, see the module's
-        docstring) until it closes; a relay that dies is started again."""
-        relay: subprocess.Popen[bytes] | None = None
-        size: tuple[int, int] | None = None
-        try:
-            while not session.closed:
-                try:
-                    frame = session.slot.get(timeout=0.5)
-                except Closed:
-                    break
-                if frame is None:
-                    continue
-                image = frame.to_ndarray(format="bgr24")
-                h, w = image.shape[:2]
-                if size is None:
-                    size = (w, h)
-                elif size != (w, h):
-                    # a WebRTC sender scales its video to its bandwidth and CPU: the relay
-                    # keeps the first size (a new one would restart the key's stream)
-                    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-                if relay is not None and relay.poll() is not None:
-                    log.warning(
-                        "WHIP %s: relay exited (%s: %s); starting it again",
-                        session.id,
-                        relay.returncode,
-                        _relay_errors(relay),
-                    )
-                    _stop_relay(relay)
-                    relay = None
-                if relay is None:
-                    relay = _start_relay(self.live_url(session.key), *size)
-                try:
-                    assert relay.stdin is not None
-                    relay.stdin.write(image.tobytes())
-                except (BrokenPipeError, OSError) as exc:
-                    log.warning("WHIP %s: relay to the ingest stopped (%s)", session.id, exc)
-        finally:
-            if relay is not None:
-                _stop_relay(relay)
 
     def _end(self, session: WhipSession, reason: str) -> None:
         if self._sessions.pop(session.id, None) is not None:
@@ -227,6 +236,50 @@ class WhipIngest:
 
     def sessions(self) -> list[WhipSession]:
         return list(self._sessions.values())
+
+
+class RtmpRelay:
+    """A WHIP session's video published over RTMP by an ffmpeg process (see the module's
+    docstring for why not PyAV here)."""
+
+    def __init__(self, live_url: Callable[[str], str]) -> None:
+        self.live_url = live_url
+
+    def __call__(self, session: WhipSession) -> None:
+        """Publish the session's frames to ``live_url(key)`` until it closes; a relay that
+        dies is started again."""
+        relay: subprocess.Popen[bytes] | None = None
+        size: tuple[int, int] | None = None
+        try:
+            while not session.closed:
+                try:
+                    frame = session.slot.get(timeout=0.5)
+                except Closed:
+                    break
+                if frame is None:
+                    continue
+                # the relay keeps the first size (a new one would restart the key's stream)
+                image = bgr_at(frame, size)
+                size = size or (image.shape[1], image.shape[0])
+                if relay is not None and relay.poll() is not None:
+                    log.warning(
+                        "WHIP %s: relay exited (%s: %s); starting it again",
+                        session.id,
+                        relay.returncode,
+                        _relay_errors(relay),
+                    )
+                    _stop_relay(relay)
+                    relay = None
+                if relay is None:
+                    relay = _start_relay(self.live_url(session.key), *size)
+                try:
+                    assert relay.stdin is not None
+                    relay.stdin.write(image.tobytes())
+                except (BrokenPipeError, OSError) as exc:
+                    log.warning("WHIP %s: relay to the ingest stopped (%s)", session.id, exc)
+        finally:
+            if relay is not None:
+                _stop_relay(relay)
 
 
 # ---------------------------------------------------------------------------- WHEP egress

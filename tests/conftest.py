@@ -73,6 +73,7 @@ LIVE_MODULES = frozenset(
         "test_web_page",
         "test_webrtc",
         "test_whip",
+        "test_whip_listen",
     }
 )
 
