@@ -21,6 +21,7 @@ The first seconds of each run (encoder and model warm-up, the first keyframe) ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ from facecast.bench import machine, scaled_copy, update_docs, write_results
 from facecast.bench_webrtc import whip_to_whep
 from facecast.config import StreamSettings
 from facecast.errors import MediaError
-from facecast.ingest import free_port
+from facecast.ingest import IngestServer, free_port, free_ports
 from facecast.live import LivePipeline, engine_options
 from facecast.media.frame import AudioChunk, Frame
 from facecast.media.image_io import read_image
@@ -57,6 +58,7 @@ from facecast.timing import StageClock
 log = logging.getLogger(__name__)
 
 WARMUP_S = 3.0
+RTMP_START_S = 8.0  # a longer run over RTMP (see glass_to_glass)
 GOALS = {"p50_ms": 35.0, "p99_ms": 70.0, "glass_p50_ms": 120.0, "speedup": 1.5}
 
 
@@ -239,11 +241,44 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def glass_to_glass(
-    face: Path, seconds: float, work: Path, relay: str, size: tuple[int, int] = (1280, 720)
+    face: Path,
+    seconds: float,
+    work: Path,
+    relay: str,
+    size: tuple[int, int] = (1280, 720),
+    transport: str = "udp",
 ) -> dict[str, Any]:
-    """``facecast probe`` through ``relay`` (``facecast`` or ``ffmpeg``) over loopback UDP."""
-    port_in, port_out = free_port(), free_port()
-    url_in, url_out = f"udp://127.0.0.1:{port_in}", f"udp://127.0.0.1:{port_out}"
+    """``facecast probe`` through ``relay`` (``facecast`` or ``ffmpeg``) over loopback:
+    ``transport`` ``udp`` (MPEG-TS both ways) or ``rtmp`` (through the project's own nginx
+    ingest, live/bench in and swapped/bench out, as OBS and a player would use it; facecast
+    only: an ffmpeg relay cannot wait for the probe's publish to start)."""
+    with contextlib.ExitStack() as stack:
+        if transport == "rtmp":
+            rtmp_port, http_port = free_ports(2)
+            ingest = IngestServer(rtmp_port, http_port, prefix=work / f"ingest-{relay}")
+            ingest.start(timeout=10)
+            stack.callback(ingest.stop)
+            url_in, url_out = ingest.rtmp_url("live", "bench"), ingest.rtmp_url("swapped", "bench")
+        else:
+            url_in, url_out = f"udp://127.0.0.1:{free_port()}", f"udp://127.0.0.1:{free_port()}"
+        # over RTMP the relay first waits for the probe's publish (it retries every second)
+        # and the probe's player for the relay's: the run is longer by that start-up (the
+        # warm-up counts from the first frame back)
+        lead = RTMP_START_S if transport == "rtmp" else 0.0
+        result = _probe_through(face, seconds, work, relay, size, url_in, url_out, lead)
+    return {"relay": relay, "transport": transport, **result}
+
+
+def _probe_through(
+    face: Path,
+    seconds: float,
+    work: Path,
+    relay: str,
+    size: tuple[int, int],
+    url_in: str,
+    url_out: str,
+    lead: float,
+) -> dict[str, Any]:
     if relay == "facecast":
         cmd = [
             sys.executable, "-m", "facecast.cli", "stream", "--source", str(face),
@@ -265,10 +300,10 @@ def glass_to_glass(
             text = (work / f"relay-{relay}.log").read_text(errors="replace")[-2000:]
             raise MediaError(f"the {relay} relay exited at start:\n{text}")
         probe = LatencyProbe(url_in, url_out, read_image(face), size, 30.0, warmup=WARMUP_S)
-        result = probe.run(WARMUP_S + seconds)
+        result = probe.run(lead + WARMUP_S + seconds)
     finally:
         _stop(proc)
-    return {"relay": relay, **result.summary()}
+    return result.summary()
 
 
 # ---------------------------------------------------------------------------- report
@@ -347,6 +382,10 @@ def run_live_bench(
         for relay in ("ffmpeg", "facecast"):
             console.print(f"bench live: glass to glass through {relay}")
             glass[relay] = glass_to_glass(face, seconds, work, relay)
+        console.print("bench live: glass to glass through facecast, RTMP in and out")
+        glass["facecast, RTMP via nginx"] = glass_to_glass(
+            face, seconds, work, "facecast", transport="rtmp"
+        )
         console.print("bench live: glass to glass through facecast serve, WHIP in, WHEP out")
         glass["serve, WHIP in, WHEP out (640x360)"] = whip_to_whep(face, seconds, WARMUP_S)
 

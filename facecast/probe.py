@@ -116,7 +116,9 @@ class LatencyProbe:
     def _read(self, stop: threading.Event) -> None:
         from facecast.media.live_source import StreamSource
 
-        source = StreamSource(self.read_url, stall_timeout=3.0)
+        # every frame, not the newest only: a server that delivers in bursts (nginx-rtmp
+        # does) would otherwise show the probe only each burst's last, freshest frame
+        source = StreamSource(self.read_url, stall_timeout=3.0, keep_all=True)
         first: float | None = None
         last_stamp: int | None = None
         for item in source.items(stop):

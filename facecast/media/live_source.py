@@ -709,6 +709,7 @@ class StreamSource:
         open_timeout: float = 5.0,
         backoff: Backoff | None = None,
         loop_file: bool = False,
+        keep_all: bool = False,
     ):
         if stall_timeout <= 0 or open_timeout <= 0:
             raise ValueError("stall_timeout and open_timeout must be positive")
@@ -716,6 +717,9 @@ class StreamSource:
         self.name = redact(self.url)
         self.realtime = realtime
         self.loop_file = loop_file
+        # a live input's frames are dropped, newest wins, when the consumer falls behind;
+        # keep_all: never (a measurement must see every frame, bursts included)
+        self.keep_all = keep_all
         self.stall_timeout = float(stall_timeout)
         self.open_timeout = float(open_timeout)
         self.backoff = backoff or Backoff()
@@ -778,7 +782,7 @@ class StreamSource:
         # A previous iteration's reader may still be finishing a bounded call.
         self.join(self.reader_linger)
         self._halt = halt = threading.Event()
-        drop = self.plan.live or self.realtime
+        drop = (self.plan.live or self.realtime) and not self.keep_all
         self._handoff = handoff = _Handoff(BUFFER_ITEMS, drop=drop)
 
         def halted() -> bool:
