@@ -936,7 +936,15 @@ def serve(
 
             assert cluster_store is not None
             worker = Worker(
-                cluster_store, capacity=capacity, token=token, host=host, http_port=http_port
+                cluster_store,
+                capacity=capacity,
+                token=token,
+                host=host,
+                http_port=http_port,
+                require_consent=require_consent,
+                moderation_url=moderation_url,
+                moderation_timeout=moderation_timeout,
+                audit_log=audit_log,
             )
             with _stop_on_signals(stop):
                 worker.run(stop)

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError
+from facecast.moderation import DEFAULT_TIMEOUT, build_gate
 from facecast.server import LOOPBACK, ThreadedServer, bind_host, create_app
 from facecast.service import stream_settings
 from facecast.store import ClusterStore, StoreError, entry_profile, store_problems
@@ -64,7 +65,14 @@ class Worker:
         http_port: int = 8080,
         base: StreamSettings | None = None,
         worker_id: str | None = None,
+        require_consent: bool = False,
+        moderation_url: str | None = None,
+        moderation_timeout: float = DEFAULT_TIMEOUT,
+        audit_log: Path | None = None,
     ) -> None:
+        """``require_consent``, ``moderation_url``, ``moderation_timeout``, ``audit_log``:
+        as the ingest's (``Service``), for the face changes this worker's own API takes
+        (``POST /api/streams/KEY/source``); the consent registry is the store's."""
         if capacity < 1:
             raise FacecastError("a worker's capacity is at least 1 stream")
         self.store = store
@@ -74,7 +82,16 @@ class Worker:
         self.manager = StreamManager()
         self.manager.checks.append(lambda: store_problems(store))
         self.manager.collectors.append(WorkerCollector(self))
-        self.app = create_app(self.manager, token)
+        self.gate = build_gate(
+            token=token,
+            state_dir=None,
+            store=store,
+            require_consent=require_consent,
+            moderation_url=moderation_url,
+            moderation_timeout=moderation_timeout,
+            audit_log=audit_log,
+        )
+        self.app = create_app(self.manager, token, gate=self.gate)
         self.host = bind_host(host, token)
         self.http_port = http_port
         self._cache = Path(tempfile.mkdtemp(prefix="facecast-worker-"))

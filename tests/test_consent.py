@@ -39,6 +39,7 @@ from facecast.profiles import Profile
 from facecast.server import ThreadedServer
 from facecast.service import Service
 from facecast.store import ClusterStore
+from facecast.worker import Worker
 
 from .conftest import MEDIA, REPO
 
@@ -88,7 +89,7 @@ def serving(svc: Service) -> Iterator[httpx.Client]:
         server.stop()
 
 
-def start_stream(svc: Service, key: str, source: Path, tmp_path: Path):
+def start_stream(svc: Service | Worker, key: str, source: Path, tmp_path: Path):
     """A running stream on ``key``, read from the clip at its pace (looping: it must still
     run when the test changes its face)."""
     settings = StreamSettings(
@@ -462,5 +463,27 @@ def test_in_a_cluster_the_registry_lives_in_the_store(tmp_path):
         assert ConsentRegistry.in_store(store).people() == []
         with pytest.raises(FacecastError, match=r"profile 'alice': .*aniston2\.jpg: face not in"):
             make_service(tmp_path, require_consent=True, store=store, profiles=profiles)
+
+        # a worker's own API (a running stream's face) checks against the same registry
+        assert (
+            facecast(
+                "consent", "add", PEOPLE / "aniston1.jpg", "--name", ANISTON, "--store", redis.url
+            ).returncode
+            == 0
+        )
+        audit = tmp_path / "worker-audit.log"
+        worker = Worker(
+            store, token=TOKEN, require_consent=True, http_port=free_port(), audit_log=audit
+        )
+        start_stream(worker, "alice", PEOPLE / "aniston1.jpg", tmp_path)
+        try:
+            client = TestClient(worker.app, headers=AUTH)
+            refused = client.post("/api/streams/alice/source", content=photo("damon2.jpg"))
+            assert refused.status_code == 403 and "consent" in refused.text, refused.text
+            taken = client.post("/api/streams/alice/source", content=photo("aniston2.jpg"))
+            assert taken.status_code == 200, taken.text
+        finally:
+            worker.manager.stop_all()
+        assert [e["allowed"] for e in read_audit(audit)] == [False, True]
     finally:
         redis.stop()
