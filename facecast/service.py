@@ -223,7 +223,7 @@ class Service:
         # the browser page (/web/, /api/web/): WebRTC sessions with this service's models
         self.web = WebSessions(engine_options(self.base))
         # WHIP in (relayed to live/KEY on our own ingest), WHEP out (swapped/KEY as it is)
-        self.whip = WhipIngest(RtmpRelay(lambda key: self.ingest.rtmp_url("live", key)))
+        self.whip = WhipIngest(RtmpRelay(lambda key: self.ingest.rtmp_url("live", key)), audio=True)
         self.whep = WhepEgress(lambda key: self.play_urls(key)["rtmp"])
         self._add_webrtc_routes(token)  # before /web is mounted: /web/watch/KEY is a route
         mount_web(self.app, self.web, token, max_upload, gate=self.gate)

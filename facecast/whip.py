@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import subprocess
 import tempfile
@@ -44,7 +45,7 @@ from fastapi import HTTPException, Request, Response
 
 from facecast.errors import FacecastError
 from facecast.server import read_limited
-from facecast.slots import Closed, LatestSlot
+from facecast.slots import Closed, DropOldestQueue, LatestSlot
 from facecast.webrtc import (
     BadOfferError,
     NegotiationTimeout,
@@ -62,6 +63,10 @@ FIRST_FRAME_TIMEOUT = 10.0  # a WHIP session that sends no video in this long is
 READ_TIMEOUT = 5.0  # each open and read of swapped/KEY by a WHEP reader
 VIEWER_QUEUE = 60  # packets a WHEP viewer may lag behind (about 2 s) before skipping ahead
 VIDEO_CLOCK = Fraction(1, 90000)
+AUDIO_RATE = 48000  # what the relay is fed: Opus's own rate, stereo s16
+AUDIO_BYTES = 4  # per stereo s16 sample
+AUDIO_CHUNKS = 250  # ~5 s of 20 ms Opus frames between the reader and the relay
+AUDIO_GAP_S = 0.1  # no sound for this long: the relay is fed silence (it must not starve)
 MAX_SDP = 64 * 1024
 
 
@@ -81,6 +86,11 @@ def check_offer(sdp: str) -> None:
         raise BadOfferError("the body is not an SDP offer (it must start with v=0)")
     if "\nm=video " not in sdp.replace("\r\n", "\n"):
         raise BadOfferError("the offer has no video")
+
+
+def _first_audio(transceivers: list[Any]) -> Any | None:
+    """The offer's first audio transceiver (``_video_transceiver`` left it inactive)."""
+    return next((t for t in transceivers if t.kind == "audio"), None)
 
 
 def bgr_at(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
@@ -138,7 +148,12 @@ class WhipSession:
     key: str
     pc: RTCPeerConnection
     slot: LatestSlot[av.VideoFrame] = field(default_factory=LatestSlot)
+    # the publisher's sound as 48 kHz stereo s16 PCM, in order (None: not taken); a consumer
+    # that falls behind loses the oldest, never delays the video
+    audio: DropOldestQueue[bytes] | None = None
+    audio_frames: int = 0
     reader: asyncio.Task[None] | None = None
+    audio_reader: asyncio.Task[None] | None = None
     relay: threading.Thread | None = None
     frames: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -154,8 +169,11 @@ class WhipIngest:
     """Open WHIP sessions; each hands its video to ``consume`` (``RtmpRelay`` in service
     mode, the pipeline's input for ``stream --input whip-listen://``)."""
 
-    def __init__(self, consume: Consumer) -> None:
+    def __init__(self, consume: Consumer, audio: bool = False) -> None:
+        """``audio``: the offer's first audio is received too (``WhipSession.audio``);
+        else answered inactive."""
         self.consume = consume
+        self.take_audio = audio
         self._sessions: dict[str, WhipSession] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the HTTP server's, once known
 
@@ -173,6 +191,10 @@ class WhipIngest:
             # docs/webrtc.md) answered inactive, as the browser page does
             video = _video_transceiver(pc.getTransceivers())
             video.direction = "recvonly"
+            audio = _first_audio(pc.getTransceivers()) if self.take_audio else None
+            if audio is not None:
+                audio.direction = "recvonly"
+                session.audio = DropOldestQueue(AUDIO_CHUNKS)
             answer = await _finish_answer(pc)
         except BaseException:
             await _close_quietly(pc)
@@ -187,12 +209,32 @@ class WhipIngest:
         session.reader = asyncio.get_running_loop().create_task(
             self._read(session, video.receiver.track), name=f"whip-{session.id}-read"
         )
+        if audio is not None:
+            session.audio_reader = asyncio.get_running_loop().create_task(
+                self._read_audio(session, audio.receiver.track), name=f"whip-{session.id}-audio"
+            )
         session.relay = threading.Thread(
             target=self.consume, args=(session,), name=f"whip-{session.id}-relay", daemon=True
         )
         session.relay.start()
         log.info("WHIP %s: publisher on %s", session.id, key)
         return session.id, answer
+
+    async def _read_audio(self, session: WhipSession, track: MediaStreamTrack) -> None:
+        """The publisher's sound, as PCM, into ``session.audio``. Its end ends nothing: the
+        video is the session."""
+        assert session.audio is not None
+        resampler = av.AudioResampler(format="s16", layout="stereo", rate=AUDIO_RATE)
+        try:
+            while True:
+                frame = await asyncio.wait_for(track.recv(), READ_TIMEOUT)
+                for pcm in resampler.resample(frame):
+                    session.audio.put(bytes(pcm.planes[0])[: pcm.samples * AUDIO_BYTES])
+                session.audio_frames += 1
+        except (MediaStreamError, TimeoutError):
+            log.info("WHIP %s: the publisher's audio ended", session.id)
+        except asyncio.CancelledError:
+            pass
 
     async def _read(self, session: WhipSession, track: MediaStreamTrack) -> None:
         """The publisher's frames into the session's slot (newest only)."""
@@ -220,8 +262,9 @@ class WhipIngest:
     async def _close(self, session: WhipSession, reason: str) -> None:
         session.closed = True
         session.slot.close()
-        if session.reader is not None and session.reader is not asyncio.current_task():
-            session.reader.cancel()
+        for task in (session.reader, session.audio_reader):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         await _close_quietly(session.pc)
         if session.relay is not None:
             await asyncio.to_thread(session.relay.join, 10)
@@ -239,8 +282,8 @@ class WhipIngest:
 
 
 class RtmpRelay:
-    """A WHIP session's video published over RTMP by an ffmpeg process (see the module's
-    docstring for why not PyAV here)."""
+    """A WHIP session's video, and its sound when it has some, published over RTMP by an
+    ffmpeg process (``FfmpegRelay``; see the module's docstring for why not PyAV here)."""
 
     def __init__(self, live_url: Callable[[str], str]) -> None:
         self.live_url = live_url
@@ -248,7 +291,7 @@ class RtmpRelay:
     def __call__(self, session: WhipSession) -> None:
         """Publish the session's frames to ``live_url(key)`` until it closes; a relay that
         dies is started again."""
-        relay: subprocess.Popen[bytes] | None = None
+        relay: FfmpegRelay | None = None
         size: tuple[int, int] | None = None
         try:
             while not session.closed:
@@ -261,25 +304,24 @@ class RtmpRelay:
                 # the relay keeps the first size (a new one would restart the key's stream)
                 image = bgr_at(frame, size)
                 size = size or (image.shape[1], image.shape[0])
-                if relay is not None and relay.poll() is not None:
+                if relay is not None and relay.exited():
                     log.warning(
                         "WHIP %s: relay exited (%s: %s); starting it again",
                         session.id,
-                        relay.returncode,
-                        _relay_errors(relay),
+                        relay.proc.returncode,
+                        relay.said(),
                     )
-                    _stop_relay(relay)
+                    relay.stop()
                     relay = None
                 if relay is None:
-                    relay = _start_relay(self.live_url(session.key), *size)
+                    relay = FfmpegRelay(self.live_url(session.key), *size, session.audio)
                 try:
-                    assert relay.stdin is not None
-                    relay.stdin.write(image.tobytes())
+                    relay.write(image)
                 except (BrokenPipeError, OSError) as exc:
                     log.warning("WHIP %s: relay to the ingest stopped (%s)", session.id, exc)
         finally:
             if relay is not None:
-                _stop_relay(relay)
+                relay.stop()
 
 
 # ---------------------------------------------------------------------------- WHEP egress
@@ -474,36 +516,98 @@ class WhepEgress:
         return sum(1 for s in self._sessions.values() if s.key == key)
 
 
-def _start_relay(url: str, width: int, height: int) -> subprocess.Popen[bytes]:
-    """ffmpeg reading raw BGR frames on stdin, timed by their arrival (a WebRTC track has
-    no fixed rate), publishing low-latency H.264 over RTMP."""
-    cmd = [FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error"]
-    cmd += ["-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}"]
-    cmd += ["-use_wallclock_as_timestamps", "1", "-i", "pipe:0"]
-    cmd += ["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency"]
-    cmd += ["-pix_fmt", "yuv420p", "-force_key_frames", f"expr:gte(t,n_forced*{RELAY_KEYINT_S})"]
-    cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-fps_mode", "passthrough"]
-    cmd += ["-f", "flv", "-flvflags", "no_duration_filesize", url]
-    # what ffmpeg says, read back if it exits; closed with the process object
-    errors = tempfile.TemporaryFile()  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
-    proc.errors = errors  # type: ignore[attr-defined]
-    return proc
+class FfmpegRelay:
+    """One ffmpeg relay publishing a session to RTMP: raw BGR video on its stdin, timed by
+    arrival (a WebRTC track has no fixed rate), encoded low-latency H.264; and for a
+    session with sound, raw PCM on a pipe of its own, encoded AAC. A thread feeds the
+    sound, and silence while the publisher sends none: ffmpeg interleaves its inputs and
+    would hold the video back waiting for sound that does not come."""
 
+    def __init__(
+        self, url: str, width: int, height: int, audio: DropOldestQueue[bytes] | None
+    ) -> None:
+        cmd = [FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error"]
+        cmd += ["-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}"]
+        cmd += ["-use_wallclock_as_timestamps", "1", "-i", "pipe:0"]
+        read_fd = write_fd = None
+        if audio is not None:
+            read_fd, write_fd = os.pipe()
+            cmd += ["-f", "s16le", "-ar", str(AUDIO_RATE), "-ac", "2"]
+            cmd += ["-use_wallclock_as_timestamps", "1", "-thread_queue_size", "256"]
+            cmd += ["-i", f"pipe:{read_fd}"]
+        cmd += ["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency"]
+        cmd += ["-pix_fmt", "yuv420p"]
+        cmd += ["-force_key_frames", f"expr:gte(t,n_forced*{RELAY_KEYINT_S})"]
+        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-fps_mode", "passthrough"]
+        if audio is not None:
+            # timestamps by arrival jitter: resampled to an even clock, gaps filled
+            cmd += ["-c:a", "aac", "-b:a", "128k", "-af", "aresample=async=1"]
+        cmd += ["-f", "flv", "-flvflags", "no_duration_filesize", url]
+        # what ffmpeg says, read back if it exits; closed with the process object
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self.errors,
+            pass_fds=() if read_fd is None else (read_fd,),
+        )
+        self._audio_fd = write_fd
+        self._halt = threading.Event()
+        self._feeder: threading.Thread | None = None
+        if read_fd is not None and audio is not None:
+            os.close(read_fd)  # ffmpeg's now
+            self._feeder = threading.Thread(
+                target=self._feed_audio, args=(audio,), name="whip-relay-audio", daemon=True
+            )
+            self._feeder.start()
 
-def _relay_errors(relay: subprocess.Popen[bytes]) -> str:
-    errors = relay.errors  # type: ignore[attr-defined]
-    errors.seek(0)
-    return errors.read()[-400:].decode(errors="replace").strip().replace("\n", "; ")
+    def write(self, image: np.ndarray) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(image.tobytes())
 
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
 
-def _stop_relay(relay: subprocess.Popen[bytes]) -> None:
-    """Close its input (it flushes and unpublishes), then wait; killed if it hangs."""
-    with contextlib.suppress(OSError):
-        assert relay.stdin is not None
-        relay.stdin.close()
-    try:
-        relay.wait(5)
-    except subprocess.TimeoutExpired:
-        relay.kill()
-        relay.wait(5)
+    def said(self) -> str:
+        self.errors.seek(0)
+        return self.errors.read()[-400:].decode(errors="replace").strip().replace("\n", "; ")
+
+    def _feed_audio(self, audio: DropOldestQueue[bytes]) -> None:
+        assert self._audio_fd is not None
+        fed_until = time.monotonic()
+        while not self._halt.is_set():
+            chunks = audio.drain()
+            now = time.monotonic()
+            if chunks:
+                data = b"".join(chunks)
+            elif now - fed_until >= AUDIO_GAP_S:
+                data = bytes(int((now - fed_until) * AUDIO_RATE) * AUDIO_BYTES)  # silence
+            else:
+                self._halt.wait(0.01)
+                continue
+            fed_until = now
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._audio_fd, view) :]
+            except OSError:  # ffmpeg is gone: the video side sees it too
+                return
+
+    def stop(self) -> None:
+        """Close its inputs (it flushes and unpublishes), then wait; killed if it hangs."""
+        self._halt.set()
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self._feeder is not None:
+            self._feeder.join(2)
+        if self._audio_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._audio_fd)
+        self.errors.close()

@@ -15,6 +15,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -42,10 +43,10 @@ CLIP = MEDIA / "short_hamilton_clip.mp4"
 
 # Publishes the page's camera to WHIP_URL; resolves with the session's Location.
 WHIP_PUBLISH = """
-async ([url, token]) => {
-  const stream = await navigator.mediaDevices.getUserMedia({video: true});
+async ([url, token, withAudio]) => {
+  const stream = await navigator.mediaDevices.getUserMedia({video: true, audio: !!withAudio});
   const pc = new RTCPeerConnection();
-  pc.addTransceiver(stream.getVideoTracks()[0], {direction: "sendonly"});
+  for (const track of stream.getTracks()) pc.addTransceiver(track, {direction: "sendonly"});
   await pc.setLocalDescription(await pc.createOffer());
   await new Promise((done) => {
     if (pc.iceGatheringState === "complete") return done();
@@ -88,7 +89,7 @@ def test_chromium_publishes_over_whip_and_the_key_comes_out_swapped(
 ):
     page = new_page()
     page.goto(api(service, "/healthz"))  # the page's origin: the service's
-    location = page.evaluate(WHIP_PUBLISH, [api(service, "/whip/cam"), TOKEN])
+    location = page.evaluate(WHIP_PUBLISH, [api(service, "/whip/cam"), TOKEN, True])
     assert location.startswith("/whip/cam/")
 
     # relayed to live/cam: the key's own pipeline swaps it onto swapped/cam
@@ -98,6 +99,10 @@ def test_chromium_publishes_over_whip_and_the_key_comes_out_swapped(
     assert distances[SOURCE] < distances["camera"]
     handle = service.manager.get("cam")
     assert handle.running and handle.pipeline.engine.options.label  # the AI label is on
+    # the publisher's sound came along (Chromium's fake microphone beeps): AAC, not silent
+    codec, loudness = audio_of(service.ingest.rtmp_url("swapped", "cam"), seconds=3)
+    print("swapped/cam audio", codec, loudness)
+    assert codec == "aac" and loudness > 100, (codec, loudness)
 
     # DELETE on the Location ends the session, and with it the key's stream
     wrong = httpx.delete(api(service, location), timeout=10)
@@ -159,6 +164,26 @@ async def whep_frames(url: str, n: int) -> list[np.ndarray]:
         assert (await http.delete(url.rsplit("/whep/", 1)[0] + location)).status_code == 200
     await pc.close()
     return frames
+
+
+def audio_of(url: str, seconds: float) -> tuple[str, float]:
+    """The codec of ``url``'s audio and the loudest 20 ms (RMS of s16 samples) in its
+    first ``seconds``."""
+    with av.open(url, options={"rw_timeout": "10000000"}) as container:
+        stream = container.streams.audio[0]
+        loudest, decoded = 0.0, 0.0
+        for frame in container.decode(stream):
+            samples = frame.to_ndarray().astype(np.float64)
+            if frame.format.name.startswith("flt"):
+                samples *= 32767
+            window = max(1, frame.sample_rate // 50)
+            for start in range(0, samples.shape[-1], window):
+                chunk = samples[..., start : start + window]
+                loudest = max(loudest, float(np.sqrt(np.mean(chunk**2))))
+            decoded += frame.samples / frame.sample_rate
+            if decoded >= seconds:
+                break
+        return stream.codec_context.name, loudest
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:
