@@ -195,7 +195,11 @@ def test_keys_spread_over_workers_with_their_own_faces_and_move_when_a_worker_go
     gap_term = back_after(cluster, "k1", term_at)
     print(f"SIGTERM: swapped/k1 back after {gap_term:.2f} s (SIGKILL {gap_kill:.2f} s)")
     assert cluster.workers[leaving].wait(20) == 0, cluster.log(leaving)
-    assert gap_term < gap_kill
+    # handed over by the worker itself, not left to its lease running out (timing alone
+    # cannot tell: on a loaded box both are dominated by the next worker's start)
+    said = cluster.log(leaving)
+    assert "gave k1 up (draining)" in said and "cannot give" not in said, said[-3000:]
+    assert gap_term < 5.0
     grab_frames(cluster.output("k1"), 3, 20)  # and viewers see it
     assert "Traceback" not in cluster.log(leaving)
     view = cluster.view()
