@@ -2,31 +2,40 @@
 Chromium publishes its (fake) camera over WHIP and plays the watch page over WHEP, and a
 Python aiortc client watches as a second viewer. Outputs are judged by identity.
 
-FFmpeg's own WHIP muxer (in PyAV's FFmpeg 8.1, built on GnuTLS) and Debian's
-simple-whip-client were tried as publishers and cannot connect here, for reasons outside
-facecast: FFmpeg's GnuTLS DTLS handshake ends in a fatal alert against aiortc's OpenSSL
-in both DTLS roles, and Debian bookworm's whip-client aborts at start (it links libsoup 2,
-GStreamer's webrtc and nice plugins link libsoup 3). See docs/webrtc.md.
+FFmpeg's own WHIP muxer (in PyAV's FFmpeg 8.1, built on GnuTLS) publishes a face video
+too, given an ECDSA P-256 certificate (the one it makes itself fails the DTLS handshake
+with aiortc). Debian's simple-whip-client cannot start here: bookworm's whip-client links
+libsoup 2, GStreamer's webrtc and nice plugins link libsoup 3. See docs/webrtc.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import av
+import cv2
 import httpx
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from facecast.ingest import free_ports
 from facecast.service import Service, load_profiles
 from tests import live_helpers
-from tests.live_helpers import publish, wait_for_stream, wait_until
+from tests.live_helpers import publish, stop_process, wait_for_stream, wait_until
 
 from . import test_web_page as web_page
-from .conftest import MEDIA
+from .conftest import MEDIA, REPO
 from .media_helpers import identity_distances
 from .test_live_stream import grab_face_frames
 from .test_service import write_profiles
@@ -111,6 +120,76 @@ def test_chromium_publishes_over_whip_and_the_key_comes_out_swapped(
     assert reply.status_code == 200, reply.text
     assert wait_until(lambda: not service.manager.get("cam").running, 20)
     assert httpx.delete(api(service, location), headers=auth(), timeout=10).status_code == 404
+
+
+def ecdsa_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate and key (PEM), as WebRTC stacks make them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whip-publisher")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_ffmpegs_whip_muxer_publishes_a_face_that_comes_out_swapped(
+    service, tmp_path, analyser, embedder
+):
+    """FFmpeg's own WHIP muxer (tests/whip_publisher.py, its own process) publishes the
+    clip; the key's output is swapped; SIGTERM closes the muxer, whose DELETE ends the key."""
+    cert, key = ecdsa_certificate(tmp_path)
+    log = tmp_path / "publisher.log"
+    cmd = [sys.executable, "-m", "tests.whip_publisher", api(service, "/whip/cam"), str(CLIP)]
+    with log.open("wb") as out:
+        publisher = subprocess.Popen(
+            [*cmd, TOKEN, str(cert), str(key)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+        )
+    try:
+        frames = grab_face_frames(service.ingest.rtmp_url("swapped", "cam"), analyser, 6, 40)
+        publisher.send_signal(signal.SIGTERM)
+        assert publisher.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        stop_process(publisher)
+    assert "published" in log.read_text()
+    refs = {SOURCE: embedding_of(analyser, embedder, MEDIA / SOURCE)}
+    refs["clip"] = clip_identity(analyser, embedder)
+    distances = identity_distances(analyser, embedder, frames, refs)
+    print("swapped/cam from FFmpeg's WHIP muxer", distances)
+    assert distances[SOURCE] < distances["clip"]
+    assert wait_until(lambda: not service.manager.get("cam").running, 20)
+    assert service.whip.sessions() == []
+
+
+def clip_identity(analyser, embedder) -> np.ndarray:
+    """The clip's singer, as an embedding (a frame of its one-face stretch)."""
+    with av.open(str(CLIP)) as clip:
+        for index, frame in enumerate(clip.decode(video=0)):
+            if index == 150:
+                image = frame.to_ndarray(format="bgr24")
+                return embedder.embed(image, analyser.analyse(image)[0])
+    raise AssertionError("the clip is shorter than expected")
+
+
+def embedding_of(analyser, embedder, path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    return embedder.embed(image, analyser.analyse(image)[0])
 
 
 def test_whep_viewers_share_the_swapped_stream_and_free_it_when_they_leave(
