@@ -29,6 +29,7 @@ from facecast.errors import FacecastError
 
 if TYPE_CHECKING:
     from facecast.consent import ConsentRegistry
+    from facecast.provenance import SigningKey
     from facecast.store import ClusterStore
 
 try:  # Typer 0.2x carries its own copy of click; its usage errors are that copy's classes
@@ -169,6 +170,25 @@ UpdateDocsFlag = Annotated[
     bool,
     typer.Option(
         "--update-docs", help="Also rewrite this benchmark's table in docs/benchmarks.md."
+    ),
+]
+C2paCertFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--c2pa-cert",
+        envvar="FACECAST_C2PA_CERT",
+        metavar="PEM",
+        help="Certificate chain (PEM, signer first) that signs a file output's C2PA "
+        "manifest; with --c2pa-key [default: a local TEST key; env FACECAST_C2PA_CERT].",
+    ),
+]
+C2paKeyFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--c2pa-key",
+        envvar="FACECAST_C2PA_KEY",
+        metavar="PEM",
+        help="Private key (PEM) of --c2pa-cert [env FACECAST_C2PA_KEY].",
     ),
 ]
 HostFlag = Annotated[
@@ -330,6 +350,29 @@ def check_consent(consent_dir: Path | None, photos: list[Path]) -> None:
         raise fail(str(exc)) from None
 
 
+def sign_output(output: Path, signing: SigningKey) -> None:
+    """The finished ``output``'s C2PA manifest, signed into a temporary copy that replaces
+    it; said in words when the format cannot carry one or the signing fails (exit 2: the
+    file itself is whole and kept)."""
+    from facecast.provenance import sign_file
+
+    try:
+        signed = sign_file(output, signing)
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
+    if not signed:
+        warn(
+            f"{output}: C2PA cannot sign {output.suffix or 'this'} files (it signs .mp4, "
+            ".mov, .jpg and .png); the file keeps its other marks and no manifest"
+        )
+    elif signing.test and chatty():
+        console.print(
+            f"C2PA manifest signed with the local TEST key ({signing.where}), which no "
+            "validator trusts; sign as yourself with --c2pa-cert and --c2pa-key",
+            highlight=False,
+        )
+
+
 def run_swap(
     source: Path | list[Path],
     target: Path,
@@ -351,7 +394,7 @@ def run_swap(
     from facecast.media.sink import VideoQuality
     from facecast.modelset import ModelChoice
     from facecast.pipeline import EngineOptions, Stopped, swap_file
-    from facecast.provenance import load_signing_key, sign_file
+    from facecast.provenance import load_signing_key
     from facecast.swap.mesh_swapper import SwapOptions
 
     try:
@@ -405,22 +448,7 @@ def run_swap(
         raise typer.Exit(code=128 + signum) from None
     finally:
         stop_bar()
-    try:
-        # after the output is whole: signed into a temporary copy that replaces it
-        signed = sign_file(output, signing)
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
-    if not signed:
-        warn(
-            f"{output}: C2PA cannot sign {output.suffix or 'this'} files (it signs .mp4, "
-            ".mov, .jpg and .png); the file keeps its other marks and no manifest"
-        )
-    elif signing.test and chatty():
-        console.print(
-            f"C2PA manifest signed with the local TEST key ({signing.where}), which no "
-            "validator trusts; sign as yourself with --c2pa-cert and --c2pa-key",
-            highlight=False,
-        )
+    sign_output(output, signing)
     if chatty():
         console.print(
             f"wrote [bold]{output}[/]: {stats.frames} frame(s), {stats.faces_swapped} face(s) "
@@ -507,25 +535,8 @@ def swap(
     execution_provider: ProvidersFlag = None,
     fp16: Fp16Flag = None,
     memory_strategy: MemoryFlag = None,
-    c2pa_cert: Annotated[
-        Path | None,
-        typer.Option(
-            "--c2pa-cert",
-            envvar="FACECAST_C2PA_CERT",
-            metavar="PEM",
-            help="Certificate chain (PEM, signer first) that signs the output's C2PA "
-            "manifest; with --c2pa-key [default: a local TEST key; env FACECAST_C2PA_CERT].",
-        ),
-    ] = None,
-    c2pa_key: Annotated[
-        Path | None,
-        typer.Option(
-            "--c2pa-key",
-            envvar="FACECAST_C2PA_KEY",
-            metavar="PEM",
-            help="Private key (PEM) of --c2pa-cert [env FACECAST_C2PA_KEY].",
-        ),
-    ] = None,
+    c2pa_cert: C2paCertFlag = None,
+    c2pa_key: C2paKeyFlag = None,
     require_consent: RequireConsentFlag = False,
     consent_dir: ConsentDirFlag = None,
 ) -> None:
@@ -645,6 +656,8 @@ def stream(
     execution_provider: ProvidersFlag = None,
     fp16: Fp16Flag = None,
     memory_strategy: MemoryFlag = None,
+    c2pa_cert: C2paCertFlag = None,
+    c2pa_key: C2paKeyFlag = None,
     require_consent: RequireConsentFlag = False,
     consent_dir: ConsentDirFlag = None,
 ) -> None:
@@ -706,10 +719,19 @@ def stream(
         check_consent(consent_dir, [settings.source_image, *settings.extra_sources, *faces])
     if ignored:
         warn(ignored)
+    from facecast.provenance import load_signing_key
+
+    # a file output is signed once whole (C2PA); a live one carries the SEI mark only
+    assert settings.output is not None
+    live_output = "://" in settings.output or settings.output.startswith("gst:")
+    output_file = None if live_output else Path(settings.output)
     try:
+        signing = load_signing_key(c2pa_cert, c2pa_key) if output_file else None
         run_stream(settings)
     except FacecastError as exc:
         raise fail(str(exc)) from None
+    if output_file is not None and signing is not None and output_file.is_file():
+        sign_output(output_file, signing)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -334,6 +335,42 @@ def test_user_key_signs_and_bad_keys_fail(tmp_path: Path, state: dict[str, str])
     assert result.returncode == 2, detail(result)
     assert result.stderr.strip().startswith("error:") and len(result.stderr.splitlines()) == 1
     assert not bad.exists()
+
+
+def test_a_stream_recorded_to_a_file_is_signed_when_it_stops(
+    tmp_path: Path, state: dict[str, str]
+) -> None:
+    """``facecast stream`` into an .mp4, stopped by SIGTERM as a recording is: the file is
+    whole, marked in every keyframe and signed; a bad key is refused before it starts."""
+    chain, key = make_identity(tmp_path / "mine", USER_SIGNER)
+    out = tmp_path / "recording.mp4"
+    cmd = [sys.executable, "-m", "facecast.cli", "stream", "-s", REPO / "tests/media/obama.jpg"]
+    cmd += ["-i", CLIP, "--realtime", "-o", out, "--c2pa-cert", chain, "--c2pa-key", key]
+    proc = subprocess.Popen(
+        [str(a) for a in cmd], cwd=REPO, env=state, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert live_helpers.wait_until(lambda: out.is_file() and out.stat().st_size > 50_000, 60)
+        proc.send_signal(signal.SIGTERM)
+        said, _ = proc.communicate(timeout=60)
+    finally:
+        live_helpers.stop_process(proc)
+    assert proc.returncode == 0, said[-3000:]
+    active, validation = manifest(out, "video/mp4")
+    assert active["signature_info"]["common_name"] == USER_SIGNER
+    assert source_types(active) == [IPTC_COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA]
+    assert validation == "Valid"
+    keyframes, marked, frames = keyframes_and_marks(out)
+    assert frames > 10 and keyframes and marked == keyframes
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    _, other_key = make_identity(tmp_path / "other", "someone else")
+    bad = tmp_path / "bad.mp4"
+    result = facecast("stream", "-s", REPO / "tests/media/obama.jpg", "-i", CLIP, "-o", bad,
+                      "--c2pa-cert", chain, "--c2pa-key", other_key, env=state)  # fmt: skip
+    assert result.returncode == 2, detail(result)
+    assert len(result.stderr.strip().splitlines()) == 1 and not bad.exists()
 
 
 def test_unsignable_format_keeps_the_file(tmp_path: Path) -> None:
