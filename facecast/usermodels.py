@@ -323,11 +323,15 @@ def _yoloface(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:
 def _scrfd(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:
     # per stride (8, 16, 32): scores (last dim 1), box distances (4), and in the "_kps"
     # models five keypoints (10); the 6-output models are listed, and refused by the adapter
-    # with the reason (no keypoints to align with)
-    if not _image_input(ins) or len(outs) not in (6, 9):
+    # with the reason (no keypoints to align with). The adapter's own test, so that what it
+    # loads is recognised: exports whose output sizes are all symbolic included (their roles
+    # are read from the arrays at run time, as insightface goes by the outputs' count).
+    from facecast.faces.detect_onnx import scrfd_signature
+
+    if not _image_input(ins) or any(t.shape is None for t in outs):
         return False
-    last = _last_dims(outs)
-    return last[1] >= 3 and last[4] >= 3 and (len(outs) == 6 or last[10] >= 3)
+    shapes = [(t.name, list(t.shape or ())) for t in outs]
+    return scrfd_signature(shapes) or scrfd_signature(shapes, keypoints=False)
 
 
 def _retinaface(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:

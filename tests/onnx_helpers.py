@@ -48,15 +48,23 @@ def save_model(
 
 
 def constant_model(
-    path: Path, inputs: dict[str, Shape], outputs: dict[str, np.ndarray], name: str = "stand-in"
+    path: Path,
+    inputs: dict[str, Shape],
+    outputs: dict[str, np.ndarray],
+    name: str = "stand-in",
+    symbolic_outputs: bool = False,
 ) -> Path:
     """A model that ignores its inputs and returns fixed arrays: for checking how an
-    adapter decodes known raw outputs (anchors, strides, boxes)."""
+    adapter decodes known raw outputs (anchors, strides, boxes). ``symbolic_outputs``: the
+    graph declares every output size by name only (``score_0_d1``...), as some exports do."""
     nodes = [
         helper.make_node("Constant", [], [n], value=numpy_helper.from_array(a.astype(np.float32)))
         for n, a in outputs.items()
     ]
-    shapes = {n: list(a.shape) for n, a in outputs.items()}
+    shapes: dict[str, Shape] = {
+        n: [f"{n}_d{i}" for i in range(a.ndim)] if symbolic_outputs else list(a.shape)
+        for n, a in outputs.items()
+    }
     return save_model(path, nodes, inputs, shapes, name=name)
 
 
@@ -102,13 +110,26 @@ def arcface_model(
     input_name: str = "input.1",
     output_name: str = "683",
     size: int = 112,
+    normalises_inside: bool = False,
 ) -> Path:
     """An ArcFace stand-in ([N,3,size,size] -> [N,D]): ``pool`` x ``pool`` average pooling,
     flattened (channel, row, column), times ``weight`` ((3 * (size/pool)^2, D)) plus ``bias``.
     Cheap, yet every pixel's channel, place and scale reach the output, so a test can
-    compute the expected embedding in numpy."""
-    nodes = [
-        helper.make_node("AveragePool", [input_name], ["pooled"], kernel_shape=[pool, pool],
+    compute the expected embedding in numpy. ``normalises_inside``: the graph takes raw
+    0..255 RGB and scales it itself first, (x - 127.5) * (1 / 127.5), in nodes named as
+    MXNet-converted exports name them (``_minus0``, ``_mul0``)."""
+    first = input_name
+    nodes = []
+    extra: dict[str, np.ndarray] = {}
+    if normalises_inside:
+        nodes += [
+            helper.make_node("Sub", [input_name, "centre"], ["centred"], name="_minus0"),
+            helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="_mul0"),
+        ]
+        extra = {"centre": np.float32(127.5), "scale": np.float32(1 / 127.5)}
+        first = "scaled"
+    nodes += [
+        helper.make_node("AveragePool", [first], ["pooled"], kernel_shape=[pool, pool],
                          strides=[pool, pool]),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "weight"], ["projected"]),
@@ -119,7 +140,7 @@ def arcface_model(
         nodes,
         {input_name: ["N", 3, size, size]},
         {output_name: ["N", weight.shape[1]]},
-        {"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)},
+        {**extra, "weight": weight.astype(np.float32), "bias": bias.astype(np.float32)},
         name="arcface-stand-in",
     )
 

@@ -197,6 +197,22 @@ def test_arcface_preprocessing_matches_numpy(tmp_path, faces, projection, input_
         assert np.abs(got - expected_embedding(image, face, projection, scale="01")).max() > 1e-2
 
 
+def test_an_arcface_that_normalises_inside_its_graph_gets_raw_pixels(tmp_path, faces, projection):
+    """MXNet-converted ArcFace exports scale their input themselves (first nodes ``_minus0``
+    and ``_mul0``, as insightface looks for them): fed 0..255 they give the same embedding as
+    the plain export fed -1..1. Normalised twice, identity was garbage."""
+    weight, bias = projection
+    inside = arcface_model(tmp_path / "mx.onnx", weight, bias, normalises_inside=True)
+    recogniser = ArcFaceRecogniser(OnnxModel(inside))
+    assert (recogniser.mean, recogniser.std) == (0.0, 1.0)
+    for name in ("alex-lacamoire.png", "obama.jpg"):
+        image, face = faces[name]
+        got = recogniser.embed(image, face)
+        assert np.abs(got - expected_embedding(image, face, projection)).max() < 1e-4, name
+    plain = ArcFaceRecogniser(OnnxModel(arcface_model(tmp_path / "plain.onnx", weight, bias)))
+    assert (plain.mean, plain.std) == (127.5, 127.5)
+
+
 def test_cosine_distance(recogniser, faces):
     e = recogniser.embed(*faces["obama.jpg"])
     rng = np.random.default_rng(3)

@@ -44,6 +44,11 @@ def build_folder(root):
         **{f"kps_{i}": zeros(n, 10) for i, n in enumerate(anchors)},
     }
     constant_model(sub / "det_10g.onnx", {"input.1": [1, 3, "?", "?"]}, scrfd_outs)
+    # the same, exported with every output size symbolic (the adapter reads them at run time)
+    constant_model(
+        root / "scrfd_symbolic.onnx", {"input.1": [1, 3, 640, 640]}, scrfd_outs,
+        symbolic_outputs=True,
+    )  # fmt: skip
     # SCRFD without keypoints (6 outputs), batched layout [1, N, c], static size
     constant_model(
         root / "scrfd_500m.onnx",
@@ -78,6 +83,7 @@ def build_folder(root):
         "insightface/w600k_r50.onnx": ("recogniser", "arcface"),
         "insightface/det_10g.onnx": ("detector", "scrfd"),
         "scrfd_500m.onnx": ("detector", "scrfd"),
+        "scrfd_symbolic.onnx": ("detector", "scrfd"),
         "retinaface_10g.onnx": ("detector", "retinaface"),
         "yoloface_8n.onnx": ("detector", "yoloface"),
         "gfpgan_1.4.onnx": ("enhancer", "gfpgan"),

@@ -10,13 +10,14 @@ pick this one or the embedded dlib descriptor (``faces/embed.py``) without carin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim
+from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
 
 ARCFACE_SIZE = 112
 # Cosine distance (1 - cosine similarity) below which two ArcFace embeddings are taken as one
@@ -53,10 +54,27 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 - float(np.dot(normalise(np.ravel(a)), normalise(np.ravel(b))))
 
 
-def arcface_blob(crop: np.ndarray) -> np.ndarray:
-    """An aligned BGR uint8 crop as the model's input: RGB, (x - 127.5) / 127.5, 1x3xHxW."""
+def arcface_blob(crop: np.ndarray, mean: float = 127.5, std: float = 127.5) -> np.ndarray:
+    """An aligned BGR uint8 crop as the model's input: RGB, (x - mean) / std, 1x3xHxW."""
     rgb = crop[:, :, ::-1].astype(np.float32)
-    return np.ascontiguousarray(((rgb - 127.5) / 127.5).transpose(2, 0, 1)[None])
+    return np.ascontiguousarray(((rgb - mean) / std).transpose(2, 0, 1)[None])
+
+
+# How many of a graph's first nodes are looked at for its own input normalisation.
+NORMALISATION_NODES = 8
+
+
+def input_normalisation(path: Path) -> tuple[float, float]:
+    """(mean, std) the graph at ``path`` wants its 0..255 RGB input scaled by. ArcFace
+    exports converted from MXNet subtract and scale inside the graph (their first nodes are
+    named ``_minus…``/``Sub…`` and ``_mul…``/``Mul…``) and take raw pixels: (0, 1). The rest
+    take (127.5, 127.5). This is insightface's own test (``ArcFaceONNX``), by node names
+    among the first eight, so both read a file alike."""
+    graph = load_onnx(path).graph
+    names = [node.name for node in graph.node[:NORMALISATION_NODES]]
+    subtracts = any(n.startswith(("Sub", "_minus")) for n in names)
+    scales = any(n.startswith(("Mul", "_mul")) for n in names)
+    return (0.0, 1.0) if subtracts and scales else (127.5, 127.5)
 
 
 class ArcFaceRecogniser:
@@ -86,6 +104,8 @@ class ArcFaceRecogniser:
         self.template = arcface_template(self.size)
         out_shape = outputs[0][1]
         self.dim = fixed_dim(out_shape[-1]) if out_shape else None  # None: known after a run
+        # normalised twice, an in-graph-normalising export gives garbage identity
+        self.mean, self.std = input_normalisation(model.path)
 
     def crop(self, image: np.ndarray, face: Face) -> np.ndarray:
         """The aligned face the model sees (BGR)."""
@@ -94,7 +114,8 @@ class ArcFaceRecogniser:
 
     def embed_crop(self, crop: np.ndarray) -> np.ndarray:
         """The normalised embedding of an already aligned crop."""
-        (raw,) = self.model.run({self.input_name: arcface_blob(crop)}, [self.model.outputs[0][0]])
+        blob = arcface_blob(crop, self.mean, self.std)
+        (raw,) = self.model.run({self.input_name: blob}, [self.model.outputs[0][0]])
         raw = np.asarray(raw, np.float32).reshape(-1)
         if self.dim is not None and raw.size != self.dim:
             raise ModelFileError(
