@@ -122,7 +122,8 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
     if choice.detector != EMBEDDED["detector"]:
         from facecast.faces.detect_onnx import detector_for
 
-        model, family = open_model(choice, "detector", choice.detector)
+        model, found = open_model(choice, "detector", choice.detector)
+        family = found.family
         detector = detector_for(model, family=family)
     recogniser = None
     if choice.swapper == EMBEDDED["swapper"]:
@@ -137,9 +138,10 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
         swapper = InswapperSwapper(model, arcface, swap_options)  # type: ignore[arg-type]
     enhancer = None
     if choice.enhancer:
-        from facecast.swap.enhance import FaceEnhancer
+        from facecast.swap.enhance import FaceEnhancer, framing_for
 
-        enhancer = FaceEnhancer(open_model(choice, "enhancer", choice.enhancer)[0])
+        model, found = open_model(choice, "enhancer", choice.enhancer)
+        enhancer = FaceEnhancer(model, framing=framing_for(found.name or found.path.stem))
     if choice != ModelChoice(runtime=choice.runtime):
         log.info("models: %s", choice.describe())
     return Models(choice, detector, swapper, enhancer, recogniser)
@@ -160,9 +162,11 @@ def load_recogniser(choice: ModelChoice, require_arcface: bool = False) -> Recog
     return ArcFaceRecogniser(open_model(choice, "recogniser", name)[0])
 
 
-def open_model(choice: ModelChoice, kind: str, wanted: str) -> tuple[OnnxModel, str | None]:
+def open_model(
+    choice: ModelChoice, kind: str, wanted: str
+) -> tuple[OnnxModel, usermodels.FoundModel]:
     """The ONNX file for ``kind`` named ``wanted`` (a family or a file name), opened, and
-    the family it was identified as."""
+    what it was identified as (family; name, known by sha256 or the file's stem)."""
     folder = usermodels.models_dir(choice.models_dir)
     if folder is None:
         raise FacecastError(
@@ -174,7 +178,7 @@ def open_model(choice: ModelChoice, kind: str, wanted: str) -> tuple[OnnxModel, 
         scan_folder(folder), kind, family=family, name=None if family else wanted
     )
     log.info("%s: %s (%s, by %s)", kind, found.file, found.family, found.identified_by)
-    return OnnxModel(found.path, choice.runtime), found.family
+    return OnnxModel(found.path, choice.runtime), found
 
 
 def scan_folder(folder: Path) -> list[usermodels.FoundModel]:

@@ -15,7 +15,7 @@ from facecast.errors import FacecastError
 from facecast.faces.align import five_points
 from facecast.faces.face import Face
 from facecast.onnx_runtime import ModelFileError, OnnxModel
-from facecast.swap.enhance import FaceEnhancer
+from facecast.swap.enhance import FaceEnhancer, framing_for
 
 from .conftest import load
 from .onnx_helpers import constant_model, identity_model, save_model, scaled_by_input_model
@@ -110,6 +110,37 @@ def test_a_coloured_output_comes_back_in_bgr_on_the_0_255_scale(tmp_path, obama)
     bgr = (rgb[::-1] + 1.0) * 127.5
     core = face_core(face, frame.shape)
     assert diff(out, np.round(bgr))[core].max() <= 1.0
+
+
+# GPEN's inference code (yangxy/GPEN align_faces.py), written out independently: the MTCNN
+# reference points of a 96x112 crop, made square (x + 8), padded by inner_padding_factor
+# 0.25 on each side (crop 112 -> 168, points + 28), then scaled to the model's size.
+MTCNN_96X112 = np.array(
+    [[30.29459953, 51.69630051], [65.53179932, 51.50139999], [48.02519989, 71.73660278],
+     [33.54930115, 92.3655014], [62.72990036, 92.20410156]]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_gpen_models_are_framed_as_gpens_own_code_frames_them(tmp_path, obama, size):
+    frame, face = obama
+    shape = [1, 3, size, size]
+    grey = constant_model(
+        tmp_path / f"GPEN-BFR-{size}.onnx", {"input": shape}, {"output": np.zeros(shape)}
+    )
+    assert framing_for(grey.stem) == "gpen" and framing_for("GFPGANv1.4") == "ffhq"
+    enhancer = FaceEnhancer(OnnxModel(grey), blend=1.0, framing=framing_for(grey.stem))
+    square = MTCNN_96X112 + np.array([8.0, 0.0])
+    want = (square + 112 * 0.25) * size / (112 * 1.5)
+    assert np.abs(enhancer.template - want).max() < 1e-4  # ArcFace points: 4 decimals
+    # its crop shows more around the face than FFHQ's: the eyes span less of it
+    ffhq = FaceEnhancer(OnnxModel(grey), blend=1.0).template
+    assert np.ptp(enhancer.template[:2, 0]) < 0.9 * np.ptp(ffhq[:2, 0])
+    # and the mask follows the face in that framing: the face greyed, far pixels untouched
+    out = frame.copy()
+    assert enhancer.enhance(out, face)
+    assert diff(out, np.full_like(frame, 128))[face_core(face, frame.shape)].max() <= 1.0
+    assert diff(out, frame)[far_from(face, frame.shape)].max() == 0
 
 
 def test_the_model_sees_rgb_scaled_to_minus_one_one(tmp_path, obama):

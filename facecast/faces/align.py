@@ -61,6 +61,18 @@ def ffhq_template(size: int) -> np.ndarray:
     return FFHQ_UNIT * float(size)
 
 
+# GPEN's own framing (yangxy/GPEN, face_enhancement.py and align_faces.py): the ArcFace
+# points (the 96x112 MTCNN reference made square), padded by a quarter of the square on
+# every side (inner_padding_factor 0.25: 112 + 2 x 28 = 168), scaled to the crop. Looser
+# than FFHQ's: GPEN-BFR sees more of the head around the face.
+GPEN_PADDING = 28.0
+GPEN_SQUARE = 168.0
+
+
+def gpen_template(size: int) -> np.ndarray:
+    return (ARCFACE_112 + GPEN_PADDING) * (size / GPEN_SQUARE)
+
+
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The 2x3 similarity matrix that maps ``src`` points onto ``dst`` in the least-squares
     sense (Umeyama, 1991), without reflection."""
