@@ -47,10 +47,15 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 
 # sha256 -> (kind, family, name) of known files. A hash match wins over the signature, so a
 # known file keeps its name even when its signature is ambiguous; any other copy of a model
-# (re-exported, converted) is still identified by its signature. These are the hashes the
-# VisoMaster project publishes for the copies it distributes (visomaster/VisoMaster,
-# app/processors/models_data.py); add others from `facecast models --models-dir DIR`, which
-# prints each file's full sha256.
+# (re-exported, converted) is still identified by its signature. Sources, none of them
+# computed here (no weights are downloaded):
+# - the hashes the VisoMaster project publishes for the copies it distributes
+#   (visomaster/VisoMaster, app/processors/models_data.py): every entry but one;
+# - insightface's fp32 inswapper_128.onnx (554,253,681 bytes): the hash several unrelated
+#   projects check their downloads against, from different mirrors (HuggingFace
+#   ezioruan/inswapper_128.onnx, deepinsight/inswapper, civitai), each listing det_10g and
+#   w600k_r50 with the same hashes as VisoMaster's.
+# Add others from `facecast models --models-dir DIR`, which prints each file's full sha256.
 KNOWN_SHA256: dict[str, tuple[Kind, str, str]] = {
     "5838f7fe053675b1c7a08b633df49e7af5495cee0493c7dcf6697200b85b5b91": (
         "detector",
@@ -76,6 +81,21 @@ KNOWN_SHA256: dict[str, tuple[Kind, str, str]] = {
         "swapper",
         "inswapper",
         "inswapper_128.fp16",
+    ),
+    "e4a3f08c753cb72d04e10aa0f7dbe3deebbf39567d4ead6dce08e98aa49e16af": (
+        "swapper",
+        "inswapper",
+        "inswapper_128",
+    ),
+    "aa5bd3ab238640a378c59e4a560f7a7150627944cf2129e6311ae4720e833271": (
+        "enhancer",
+        "gfpgan",
+        "GPEN-BFR-256",
+    ),
+    "cec8892093d7b99828acde97bf231fb0964d3fb11b43f3b0951e36ef1e192a3e": (
+        "enhancer",
+        "gfpgan",
+        "GPEN-BFR-1024",
     ),
     "6548e54cbcf248af385248f0c1193b359c37a0f98b836282b09cf48af4fd2b73": (
         "enhancer",
