@@ -17,7 +17,7 @@ import threading
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -953,6 +953,13 @@ def serve(
     try:
         stop = threading.Event()
         cluster_store = _open_store(store) if role is not Role.all else None
+        # consent, moderation and the audit log: the same on every role that takes faces
+        gate: dict[str, Any] = {
+            "require_consent": require_consent,
+            "moderation_url": moderation_url,
+            "moderation_timeout": moderation_timeout,
+            "audit_log": audit_log,
+        }
         if role is Role.worker:
             from facecast.worker import Worker
 
@@ -963,10 +970,7 @@ def serve(
                 token=token,
                 host=host,
                 http_port=http_port,
-                require_consent=require_consent,
-                moderation_url=moderation_url,
-                moderation_timeout=moderation_timeout,
-                audit_log=audit_log,
+                **gate,
             )
             with _stop_on_signals(stop):
                 worker.run(stop)
@@ -985,10 +989,7 @@ def serve(
             viewer_auth=viewer_auth,
             store=cluster_store,
             advertise=advertise,
-            require_consent=require_consent,
-            moderation_url=moderation_url,
-            moderation_timeout=moderation_timeout,
-            audit_log=audit_log,
+            **gate,
         )
         with _stop_on_signals(stop):
             service.run(stop)

@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -91,6 +91,17 @@ def check_offer(sdp: str) -> None:
 def _first_audio(transceivers: list[Any]) -> Any | None:
     """The offer's first audio transceiver (``_video_transceiver`` left it inactive)."""
     return next((t for t in transceivers if t.kind == "audio"), None)
+
+
+def session_frames(session: WhipSession) -> Iterator[av.VideoFrame]:
+    """A session's newest frames as they come (older ones dropped), until it closes."""
+    while not session.closed:
+        try:
+            frame = session.slot.get(timeout=0.5)
+        except Closed:
+            return
+        if frame is not None:
+            yield frame
 
 
 def bgr_at(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
@@ -294,13 +305,7 @@ class RtmpRelay:
         relay: FfmpegRelay | None = None
         size: tuple[int, int] | None = None
         try:
-            while not session.closed:
-                try:
-                    frame = session.slot.get(timeout=0.5)
-                except Closed:
-                    break
-                if frame is None:
-                    continue
+            for frame in session_frames(session):
                 # the relay keeps the first size (a new one would restart the key's stream)
                 image = bgr_at(frame, size)
                 size = size or (image.shape[1], image.shape[0])

@@ -44,6 +44,7 @@ from facecast.whip import (
     no_trickle,
     read_offer,
     sdp_created,
+    session_frames,
 )
 
 log = logging.getLogger(__name__)
@@ -170,13 +171,7 @@ class WhipListenSource:
         self.sessions += 1
         self.connected = True
         try:
-            while not session.closed:
-                try:
-                    frame = session.slot.get(timeout=0.5)
-                except Closed:
-                    break
-                if frame is None:
-                    continue
+            for frame in session_frames(session):
                 image = bgr_at(frame, self._size)
                 self._size = self._size or (image.shape[1], image.shape[0])
                 self._frames.put(
