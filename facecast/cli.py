@@ -108,6 +108,14 @@ SwapperFlag = Annotated[
     str | None,
     typer.Option(metavar="NAME", help="Swapper: mesh (embedded, default) or inswapper."),
 ]
+SwapSizeFlag = Annotated[
+    int | None,
+    typer.Option(
+        metavar="PX",
+        help="inswapper's face size: 128 (one run), 256, 384 or 512 (4, 9 or 16 sub-pixel "
+        "runs interleaved: sharper, that many times dearer) [env FACECAST_SWAP_SIZE].",
+    ),
+]
 EnhancerFlag = Annotated[
     str | None,
     typer.Option(
@@ -211,6 +219,7 @@ def model_flags(
     providers: list[str] | None,
     fp16: bool | None,
     memory: str | None,
+    swap_size: int | None = None,
 ) -> dict[str, object]:
     """The model flags that were given, as ModelSettings fields."""
     given = {
@@ -218,12 +227,26 @@ def model_flags(
         "detector": detector,
         "recogniser": recogniser,
         "swapper": swapper,
+        "swap_size": swap_size,
         "enhancer": enhancer,
         "execution_providers": providers,
         "fp16": fp16,
         "memory_strategy": memory,
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+def in_words(exc: Exception) -> str:
+    """One line for a bad setting: pydantic's ValidationError, multi-line with a link, as
+    "field: reason; ..."; anything else as it says itself."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
 
 
 def fail(message: str) -> typer.Exit:
@@ -403,7 +426,7 @@ def run_swap(
         video_quality = VideoQuality(**(quality or {}))  # type: ignore[arg-type]
         signing = load_signing_key(*c2pa)  # before the work: a key C2PA refuses fails here
     except (ValueError, FacecastError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(in_words(exc)) from None
     if blend not in ("feather", "poisson"):
         raise fail(f"unknown blend {blend!r}: use feather or poisson")
     if ignored := choice.ignored_runtime():
@@ -531,6 +554,7 @@ def swap(
     detector: DetectorFlag = None,
     recogniser: RecogniserFlag = None,
     swapper: SwapperFlag = None,
+    swap_size: SwapSizeFlag = None,
     enhancer: EnhancerFlag = None,
     execution_provider: ProvidersFlag = None,
     fp16: Fp16Flag = None,
@@ -554,6 +578,7 @@ def swap(
         execution_provider,
         fp16,
         memory_strategy,
+        swap_size,
     )
     references = parse_references(reference or [], source[0])
     if require_consent:  # every face put on someone: the sources and the references' own
@@ -652,6 +677,7 @@ def stream(
     detector: DetectorFlag = None,
     recogniser: RecogniserFlag = None,
     swapper: SwapperFlag = None,
+    swap_size: SwapSizeFlag = None,
     enhancer: EnhancerFlag = None,
     execution_provider: ProvidersFlag = None,
     fp16: Fp16Flag = None,
@@ -695,13 +721,14 @@ def stream(
             execution_provider,
             fp16,
             memory_strategy,
+            swap_size,
         )
     )
     try:
         settings = StreamSettings(**{k: v for k, v in flags.items() if v is not None})
         ignored = ModelChoice.from_settings(settings).ignored_runtime()
     except (ValueError, FacecastError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(in_words(exc)) from None
     missing = [
         f"{flag} (or {env})"
         for flag, env, value in (

@@ -39,6 +39,9 @@ def parse_bitrate(value: str | int | None) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
+SWAP_SIZES = (128, 256, 384, 512)
+
+
 class ModelSettings(BaseSettings):
     """Which model does each job (``swap``, ``stream`` and ``serve`` share these). The
     defaults are the models embedded in the installed packages; the others are ONNX files
@@ -52,6 +55,9 @@ class ModelSettings(BaseSettings):
     recogniser: str = "dlib"  # or arcface
     swapper: str = "mesh"  # or inswapper
     enhancer: str | None = None  # or gfpgan (any 512x512 face restorer)
+    # inswapper's output size: 256, 384 or 512 run its 128 model on 4, 9 or 16 sub-pixel
+    # shifted samplings of a larger crop and interleave them (sharper, that many times dearer)
+    swap_size: int = 128
     # tried in order, CPU always last; FACECAST_EXECUTION_PROVIDERS='["cuda","cpu"]'
     execution_providers: list[str] = ["cpu"]
     fp16: bool = False  # TensorRT half precision
@@ -64,6 +70,13 @@ class ModelSettings(BaseSettings):
 
         items = [value] if isinstance(value, str) else list(value or [])
         return list(parse_providers(items))
+
+    @field_validator("swap_size")
+    @classmethod
+    def _swap_size(cls, value: int) -> int:
+        if value not in SWAP_SIZES:
+            raise ValueError(f"swap size {value}: use one of {', '.join(map(str, SWAP_SIZES))}")
+        return value
 
     @field_validator("memory_strategy")
     @classmethod

@@ -40,6 +40,7 @@ class ModelChoice:
     recogniser: str = "dlib"
     swapper: str = "mesh"
     enhancer: str | None = None
+    swap_size: int = 128
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
     @classmethod
@@ -50,6 +51,7 @@ class ModelChoice:
             recogniser=settings.recogniser,
             swapper=settings.swapper,
             enhancer=settings.enhancer,
+            swap_size=settings.swap_size,
             runtime=RuntimeOptions(
                 providers=parse_providers(settings.execution_providers),
                 fp16=settings.fp16,
@@ -128,6 +130,12 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
     recogniser = None
     if choice.swapper == EMBEDDED["swapper"]:
         swapper: Any = MeshSwapper(swap_options)
+        if choice.swap_size != 128:
+            log.warning(
+                "swap size %d applies to inswapper; the embedded swapper already works at "
+                "the face's own size",
+                choice.swap_size,
+            )
     else:
         from facecast.swap.inswapper import InswapperSwapper
 
@@ -135,7 +143,12 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
         # the inswapper latent is an ArcFace embedding, whatever recognises identities
         arcface = load_recogniser(choice, require_arcface=True)
         recogniser = arcface if choice.recogniser != EMBEDDED["recogniser"] else None
-        swapper = InswapperSwapper(model, arcface, swap_options)  # type: ignore[arg-type]
+        swapper = InswapperSwapper(
+            model,
+            arcface,  # type: ignore[arg-type]
+            swap_options,
+            swap_size=choice.swap_size,
+        )
     enhancer = None
     if choice.enhancer:
         from facecast.swap.enhance import FaceEnhancer, framing_for

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
+from facecast.errors import FacecastError
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.recognise import ArcFaceRecogniser, Recogniser
 from facecast.faces.topology import mesh_topology
@@ -61,11 +62,13 @@ def emaps():
     return rng.normal(size=(512, 512)), rng.normal(size=(512, 512))
 
 
-def swapper_for(tmp_path, recogniser, emaps, options=None, **model_args) -> InswapperSwapper:
+def swapper_for(
+    tmp_path, recogniser, emaps, options=None, swap_size=None, **model_args
+) -> InswapperSwapper:
     decoy, emap = emaps
     path = tmp_path / f"inswapper_{len(list(tmp_path.iterdir()))}.onnx"
     inswapper_model(path, emap, leading={"decoy": decoy}, **model_args)
-    return InswapperSwapper(OnnxModel(path), recogniser, options)
+    return InswapperSwapper(OnnxModel(path), recogniser, options, swap_size=swap_size)
 
 
 # -- independent arithmetic
@@ -343,6 +346,37 @@ def test_identity_swap_changes_only_the_face_and_only_slightly(
             )
         )
     cv2.imwrite(str(artifacts / "inswapper_sheet.png"), np.vstack(rows))
+
+
+@pytest.mark.parametrize("swap_size", [256, 384])
+def test_a_larger_swap_size_interleaves_shifted_runs_into_a_sharper_face(
+    tmp_path, faces, recogniser, emaps, swap_size
+):
+    """With the identity stand-in, each of the k x k runs must come back to the very
+    pixels it sampled: the interleaved face is then the crop itself, and the swapped frame
+    keeps detail a single 128 run loses (a misplaced run would scramble the face)."""
+    k = swap_size // 128
+    single = swapper_for(tmp_path, recogniser, emaps)
+    interleaved = swapper_for(tmp_path, recogniser, emaps, swap_size=swap_size)
+    assert interleaved.passes == k and interleaved.crop_size == swap_size
+    image, face = faces["obama.jpg"]
+    crop = np.random.default_rng(3).integers(0, 256, (swap_size, swap_size, 3), np.uint8)
+    latent = interleaved.prepare(image, face).latent
+    assert np.abs(interleaved.redraw(crop, latent).astype(int) - crop).max() <= 1
+    clock = StageClock()
+    errors = {}
+    for name, swapper in (("128", single), (str(swap_size), interleaved)):
+        out = image.copy()
+        assert swapper.swap(out, face, swapper.prepare(image, face), clock)
+        inside = face_mask(image, face, erode_px=3)
+        errors[name] = np.abs(out.astype(int) - image.astype(int)).sum(axis=2)[inside].mean()
+    print("mean |identity swap - original| inside the face", errors)
+    assert errors[str(swap_size)] < 0.8 * errors["128"]
+
+
+def test_a_swap_size_that_is_not_a_multiple_of_the_model_is_refused(tmp_path, recogniser, emaps):
+    with pytest.raises(FacecastError, match="not a multiple"):
+        swapper_for(tmp_path, recogniser, emaps, swap_size=200)
 
 
 def test_target_mouth_opening_is_kept(tmp_path, faces, recogniser, emaps):

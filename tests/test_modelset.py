@@ -133,9 +133,10 @@ def test_the_cli_swaps_with_user_models_and_lists_the_folder(tmp_path, models_fo
         "swap", "-s", MEDIA / "alex-lacamoire.png", "-t", MEDIA / "obama.jpg", "-o", out,
         "--models-dir", models_folder, "--swapper", "inswapper", "--recogniser", "arcface",
         "--execution-provider", "cuda", "--execution-provider", "cpu", "--memory-strategy",
-        "tolerant", "--no-label",
+        "tolerant", "--no-label", "--swap-size", "256",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert "inswapper at 256 px: 4 runs of the 128 model per face" in done.stderr
     assert "cuda is not available" in done.stderr
     changed = np.abs(load_output(out) - load("obama.jpg").astype(np.int16)).max(axis=2) > 30
     assert 0.005 < changed.mean() < 0.2  # the face (about 5 % of the photo), nothing else
@@ -151,6 +152,10 @@ def test_the_cli_swaps_with_user_models_and_lists_the_folder(tmp_path, models_fo
         "--swapper", "inswapper", "--memory-strategy", "lazy",
     )  # fmt: skip
     assert bad.returncode == 2 and "memory strategy 'lazy'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr  # pydantic's, in one line
+    odd = facecast("swap", "-s", MEDIA / "obama.jpg", "-t", MEDIA / "obama.jpg", "-o", out,
+                   "--swap-size", "200")  # fmt: skip
+    assert odd.returncode == 2 and "swap size 200: use one of 128, 256, 384, 512" in odd.stderr
 
 
 def load_output(path) -> np.ndarray:

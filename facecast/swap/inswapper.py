@@ -24,6 +24,7 @@ the outline and the lighting itself.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facecast.errors import FacecastError
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.face import Face
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
@@ -38,6 +40,8 @@ from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim, load_onn
 from facecast.swap import blend
 from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
 from facecast.timing import StageClock
+
+log = logging.getLogger(__name__)
 
 CROP_SIZE = 128
 LATENT_SIZE = 512
@@ -143,13 +147,32 @@ class InswapperSwapper:
         model: OnnxModel,
         recogniser: ArcFaceRecogniser,
         options: SwapOptions | None = None,
+        swap_size: int | None = None,
     ) -> None:
+        """``swap_size``: the face's size in the swap, a multiple of the model's own (128):
+        ``k = swap_size / 128`` gives k x k passes, each on every k-th pixel of a
+        ``swap_size`` crop from a different sub-pixel start, interleaved back into one
+        ``swap_size`` face (Rope's and VisoMaster's way to sharpen inswapper's output)."""
         self.model = model
         self.recogniser = recogniser
         self.options = options or SwapOptions()
         self.size, latent_size, self.output_name = self._check_signature(model)
         self.emap = self._embedding_map(model, latent_size)
-        self.template = arcface_template(self.size)
+        swap_size = swap_size or self.size
+        if swap_size % self.size:
+            raise FacecastError(
+                f"swap size {swap_size} is not a multiple of {model.path.name}'s {self.size}"
+            )
+        self.passes = swap_size // self.size  # per side: passes**2 model runs per face
+        self.crop_size = swap_size
+        self.template = arcface_template(swap_size)
+        if self.passes > 1:
+            log.info(
+                "inswapper at %d px: %d runs of the %d model per face",
+                swap_size,
+                self.passes**2,
+                self.size,
+            )
         # the embedded swapper's skin and feature masks: the same occluder rules for both
         self._masks = MeshSwapper(self.options)
 
@@ -229,19 +252,32 @@ class InswapperSwapper:
             h, w = frame.shape[:2]
             if not (points.max(0) > 0).all() or not (points.min(0) < (w, h)).all():
                 return False  # all five points beyond one edge: no face in this frame
-            crop, matrix = align_crop(frame, points, self.template, self.size)
-            (raw,) = self.model.run(
-                {"target": swapper_blob(crop), "source": source.latent}, [self.output_name]
-            )
-            swapped = image_from_output(np.asarray(raw, np.float32))
-            if swapped.shape[:2] != crop.shape[:2]:
-                swapped = cv2.resize(swapped, crop.shape[1::-1], interpolation=cv2.INTER_AREA)
+            crop, matrix = align_crop(frame, points, self.template, self.crop_size)
+            swapped = self.redraw(crop, source.latent)
 
         with clock.stage("blend"):
             alpha, skin = self.masks(crop, target, matrix)
             coloured = blend.transfer_colour(swapped, crop, skin, settle_stats=settle_colour)
             region = paste_face(frame, coloured, matrix, alpha, self.options.blend)
         return region is not None
+
+    def redraw(self, crop: np.ndarray, latent: np.ndarray) -> np.ndarray:
+        """The model's face for an aligned ``crop_size`` crop: one run at the model's size,
+        or k x k runs on the crop's k-strided samplings, each written back to the pixels
+        it came from."""
+        k = self.passes
+        swapped = np.empty_like(crop)
+        for dy in range(k):
+            for dx in range(k):
+                sample = np.ascontiguousarray(crop[dy::k, dx::k])
+                (raw,) = self.model.run(
+                    {"target": swapper_blob(sample), "source": latent}, [self.output_name]
+                )
+                face = image_from_output(np.asarray(raw, np.float32))
+                if face.shape[:2] != sample.shape[:2]:
+                    face = cv2.resize(face, sample.shape[1::-1], interpolation=cv2.INTER_AREA)
+                swapped[dy::k, dx::k] = face
+        return swapped
 
     def masks(
         self, crop: np.ndarray, target: Face, matrix: np.ndarray
