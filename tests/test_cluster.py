@@ -23,7 +23,6 @@ from facecast.store import ClusterStore
 from facecast.worker import Worker
 from tests import live_helpers
 from tests.live_helpers import (
-    FAST_GOP_ARGS,
     grab_frames,
     probe,
     publish,
@@ -43,7 +42,15 @@ live_procs = live_helpers.live_procs
 CLIP = MEDIA / "short_hamilton_clip.mp4"
 TOKEN = "cluster-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FACES = {"k0": "obama.jpg", "k1": "biden.jpg", "k2": "alex-lacamoire.png", "k3": "people/musk1.jpg"}
+# Four keys on a 2-core box (three workers, an ingest, a store and the publishers): at the
+# clip's 30 fps every pipeline drops most frames and follows faces across wide jumps, which
+# weakens a swap's identity under the test runner's own load. At 15 fps the same checks hold
+# with room; a keyframe every 8 frames keeps a new reader's wait at about half a second.
+CLUSTER_ARGS = (
+    "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-r", "15", "-g", "8",
+    "-c:a", "aac", "-b:a", "96k",
+)  # fmt: skip
+FACES = {"k0": "obama.jpg", "k1": "biden.jpg", "k2": "people/damon1.jpg", "k3": "people/musk1.jpg"}
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None,
     reason="redis-server is not installed (scripts/setup installs it)",
@@ -102,7 +109,7 @@ class Cluster:
         # a short keyframe interval, as a low-latency encoder sends: a worker taking a key
         # over starts reading it at the next keyframe
         url = self.ingest.ingest.rtmp_url("live", key)
-        return self.live_procs.add(publish(url, CLIP, loop=True, codec_args=FAST_GOP_ARGS))
+        return self.live_procs.add(publish(url, CLIP, loop=True, codec_args=CLUSTER_ARGS))
 
     def view(self) -> dict:
         reply = httpx.get(f"{self.api}/api/cluster", headers=AUTH, timeout=10)
