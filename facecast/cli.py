@@ -1357,6 +1357,46 @@ def bench_faces(
         raise fail(str(exc)) from None
 
 
+@bench_app.command("models")
+def bench_models(
+    models_dir: ModelsDirFlag = None,
+    execution_provider: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--execution-provider",
+            metavar="NAME",
+            help="cpu, cuda or tensorrt; repeat to time each [default: every one available].",
+        ),
+    ] = None,
+    iterations: Annotated[
+        int, typer.Option(metavar="N", help="Timed runs per model and provider.")
+    ] = 20,
+    results: ResultsFlag = DEFAULT_RESULTS,
+    update_docs: UpdateDocsFlag = False,
+) -> None:
+    """Every model in the models folder, timed on each execution provider.
+
+    ms per run (mean, p50, p90) and peak memory per model and provider; a provider that is
+    not there falls back to the CPU and the row says so.
+    """
+    from facecast.bench_models import run_models_bench
+    from facecast.onnx_runtime import PROVIDERS, available_providers, parse_providers
+    from facecast.usermodels import models_dir as resolve_models_dir
+
+    try:
+        folder = resolve_models_dir(models_dir)
+        if folder is None:
+            raise FacecastError("name the models folder with --models-dir (or FACECAST_MODELS_DIR)")
+        if execution_provider:
+            providers = parse_providers(execution_provider)
+        else:
+            present = set(available_providers())
+            providers = tuple(n for n, ort in PROVIDERS.items() if ort in present)  # type: ignore[misc]
+        run_models_bench(folder, providers, iterations, results, console, docs_for(update_docs))
+    except (ValueError, FacecastError) as exc:
+        raise fail(in_words(exc)) from None
+
+
 @bench_app.command("quality")
 def bench_quality(
     results: ResultsFlag = DEFAULT_RESULTS,

@@ -5,7 +5,10 @@ over the signature, bad files are reported without stopping the scan, and ``requ
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from facecast import usermodels
 from facecast.errors import FacecastError, ModelError
 from facecast.usermodels import describe, models_dir, require, scan
 
+from .conftest import REPO
 from .onnx_helpers import constant_model, identity_model, scaled_by_input_model
 
 
@@ -277,3 +281,37 @@ def test_models_dir_from_flag_env_and_errors(tmp_path, monkeypatch):
         models_dir(a_file)
     with pytest.raises(FacecastError, match="not a folder"):
         scan(a_file)
+
+
+def test_bench_models_times_every_recognised_file_and_says_when_it_fell_back(tmp_path):
+    """``facecast bench models`` on the stand-in folder, as a user runs it: every recognised
+    file gets a row per provider asked for; CUDA, absent here, falls back to the CPU and the
+    row says so; nothing unrecognised is timed."""
+    models = tmp_path / "models"
+    models.mkdir()
+    expected = build_folder(models)
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "facecast.cli", "bench", "models", "--models-dir", str(models),
+         "--execution-provider", "cpu", "--execution-provider", "cuda", "--iterations", "3",
+         "--results", str(results)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads((results / "models-latest.json").read_text())["rows"]
+    assert sorted({r["file"] for r in rows}) == sorted(expected)
+    for row in rows:
+        assert row["ms_mean"] > 0 and row["iterations"] == 3
+        assert row["ran_on"] == "CPUExecutionProvider"
+        assert row["fell_back"] == (row["asked"] == "cuda")
+    swapper = next(r for r in rows if r["kind"] == "swapper" and r["asked"] == "cpu")
+    per_face = swapper["ms_per_face_by_swap_size"]
+    assert per_face["256"] == pytest.approx(4 * per_face["128"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = subprocess.run(
+        [sys.executable, "-m", "facecast.cli", "bench", "models", "--models-dir", str(empty)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert none.returncode == 2 and "no model facecast recognises" in none.stderr
