@@ -28,20 +28,12 @@ from facecast.faces.recognise import ArcFaceRecogniser, normalise
 from facecast.onnx_runtime import OnnxModel
 from facecast.swap.inswapper import InswapperSwapper
 
+from . import test_inswapper
 from .conftest import load
 from .onnx_helpers import arcface_model, constant_model, inswapper_model
 from .test_detect_onnx import PHOTO, scrfd_outputs
 
-PHOTOS = ("obama.jpg", "alex-lacamoire.png", "biden.jpg")
-
-
-@pytest.fixture(scope="module")
-def faces(analyser):
-    found = {}
-    for name in PHOTOS:
-        image = load(name)
-        found[name] = (image, analyser.analyse(image)[0])
-    return found
+faces = test_inswapper.faces  # the fixture: three real photos and their faces
 
 
 def arcface_stand_in(folder, normalises_inside: bool = False):
@@ -101,7 +93,7 @@ def test_the_inswapper_crop_latent_and_output_match_insightface(tmp_path, faces,
     theirs = INSwapper(model_file=str(gated))
     ours = InswapperSwapper(OnnxModel(gated), recogniser)
     source = SimpleNamespace(normed_embedding=embedding.astype(np.float32))
-    for name in ("obama.jpg", "biden.jpg"):
+    for name in ("obama.jpg", "two_people.jpg"):
         image, face = faces[name]
         their_out, their_matrix = theirs.get(image, their_face(face), source, paste_back=False)
         our_crop, our_matrix = align_crop(image, five_points(face), arcface_template(128), 128)
