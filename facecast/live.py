@@ -431,7 +431,7 @@ def build_pipeline(
     """A ready-to-run pipeline for ``settings``: engine with the source face loaded (from
     ``source_image`` if given, else ``settings.source_image``), input and output."""
     from facecast.media.image_io import read_image
-    from facecast.media.live_sink import StreamSink
+    from facecast.media.live_sink import StreamSink, plan_output
     from facecast.media.live_source import StreamSource
     from facecast.pipeline import output_mark
     from facecast.swap.sources import source_photos
@@ -452,6 +452,11 @@ def build_pipeline(
         source = StreamSource(
             settings.input, realtime=settings.realtime, stall_timeout=settings.stall_timeout
         )
+    # the output's description or URL too: a broken one fails now, not at the first frame
+    if gst.is_gst(settings.output):
+        gst.check_output(settings.output)
+    else:
+        plan_output(settings.output)
     options = engine_options(settings)
     engine = SwapEngine(options)
     source_name = str(settings.source_image or "uploaded face")
@@ -465,8 +470,6 @@ def build_pipeline(
     for photo, face in settings.references:
         face_image = None if face is None else read_image(face)  # None: the stream's face
         engine.add_reference(read_image(photo), face_image, name=str(photo))
-    if gst.is_gst(settings.output):
-        gst.check_output(settings.output)  # a broken description fails now, not at frame 1
     mark = output_mark(source_name, options)
     # a file read flat out: every frame kept, and the output on the file's own timeline
     lossless = not (source.live or settings.realtime)

@@ -618,6 +618,27 @@ def test_output_in_a_missing_folder_fails_before_the_whole_video_is_processed(tm
     )
 
 
+@pytest.mark.parametrize(
+    ("output", "said"),
+    [
+        ("srt://127.0.0.1:9000?mode=speaker", "SRT mode must be caller, listener or rendezvous"),
+        ("rtp://127.0.0.1", "an RTP output needs a host and a port"),
+        ("{tmp}/out.xyz", "unknown output format .xyz"),
+        ("ftp://example.net/out.ts", "unsupported output"),
+    ],
+)
+def test_stream_refuses_a_bad_output_before_it_starts(tmp_path, media, output, said):
+    """`facecast stream` with an output it cannot open: one line and exit 2 before any
+    streaming starts (it used to start, load the models and fail at the first frame)."""
+    output = output.format(tmp=tmp_path)
+    clip = media / "short_hamilton_clip.mp4"
+    result = facecast("stream", "-s", media / "obama.jpg", "-i", clip, "-o", output)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_video_frames_without_a_face_pass_through_unchanged(tmp_path, media):
     target = numbered_background_video(tmp_path / "background.mp4", frames=20)
     output = tmp_path / "out.mp4"
