@@ -10,6 +10,7 @@ pick this one or the embedded dlib descriptor (``faces/embed.py``) without carin
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -70,6 +71,14 @@ def input_normalisation(path: Path) -> tuple[float, float]:
     named ``_minus…``/``Sub…`` and ``_mul…``/``Mul…``) and take raw pixels: (0, 1). The rest
     take (127.5, 127.5). This is insightface's own test (``ArcFaceONNX``), by node names
     among the first eight, so both read a file alike."""
+    stat = path.stat()
+    return _input_normalisation(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _input_normalisation(path: Path, mtime_ns: int, size: int) -> tuple[float, float]:
+    """Parsing the whole file (~170 MB for w600k_r50) for its first nodes is paid once per
+    file version, not at every stream or web session start."""
     graph = load_onnx(path).graph
     names = [node.name for node in graph.node[:NORMALISATION_NODES]]
     subtracts = any(n.startswith(("Sub", "_minus")) for n in names)
