@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -62,6 +63,17 @@ class LatestSlot(Generic[T]):
             if self._closed:
                 raise Closed
             return None
+
+    def values(self, running: Callable[[], bool], poll: float) -> Iterator[T]:
+        """The newest values as they come, while ``running()`` holds (checked every
+        ``poll`` s) and until the slot is closed and empty."""
+        while running():
+            try:
+                value = self.get(poll)
+            except Closed:
+                return
+            if value is not None:
+                yield value
 
     def close(self) -> None:
         with self._cond:

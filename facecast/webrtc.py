@@ -466,10 +466,7 @@ class WebSessions:
             await _close_quietly(pc)
             raise
 
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                self._end(session, f"connection {pc.connectionState}")
+        end_on_connection_loss(pc, lambda reason: self._end(session, reason))
 
         self._sessions[session.id] = session
         session.start(video.receiver.track, self._end)
@@ -562,6 +559,15 @@ def _video_transceiver(transceivers: list[RTCRtpTransceiver]) -> RTCRtpTransceiv
     if video is None:
         raise BadOfferError("the offer has no video")
     return video
+
+
+def end_on_connection_loss(pc: RTCPeerConnection, end: Callable[[str], None]) -> None:
+    """``end(reason)`` once ``pc`` fails or closes (the peer left, or ICE/DTLS broke)."""
+
+    @pc.on("connectionstatechange")
+    def on_state() -> None:
+        if pc.connectionState in ("failed", "closed"):
+            end(f"connection {pc.connectionState}")
 
 
 async def set_offer(pc: RTCPeerConnection, sdp: str) -> None:

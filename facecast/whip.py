@@ -45,13 +45,14 @@ from fastapi import HTTPException, Request, Response
 
 from facecast.errors import FacecastError
 from facecast.server import read_limited
-from facecast.slots import Closed, DropOldestQueue, LatestSlot
+from facecast.slots import DropOldestQueue, LatestSlot
 from facecast.webrtc import (
     BadOfferError,
     NegotiationTimeout,
     _close_quietly,
     _timed,
     _video_transceiver,
+    end_on_connection_loss,
     set_offer,
 )
 
@@ -95,13 +96,7 @@ def _first_audio(transceivers: list[Any]) -> Any | None:
 
 def session_frames(session: WhipSession) -> Iterator[av.VideoFrame]:
     """A session's newest frames as they come (older ones dropped), until it closes."""
-    while not session.closed:
-        try:
-            frame = session.slot.get(timeout=0.5)
-        except Closed:
-            return
-        if frame is not None:
-            yield frame
+    return session.slot.values(lambda: not session.closed, poll=0.5)
 
 
 def bgr_at(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
@@ -198,8 +193,8 @@ class WhipIngest:
         session = WhipSession(secrets.token_urlsafe(12), key, pc)
         try:
             await set_offer(pc, sdp)
-            # the offer's first video, received; the rest (audio is not relayed yet, see
-            # docs/webrtc.md) answered inactive, as the browser page does
+            # the offer's first video, received, and with take_audio its first audio; the
+            # rest answered inactive, as the browser page does
             video = _video_transceiver(pc.getTransceivers())
             video.direction = "recvonly"
             audio = _first_audio(pc.getTransceivers()) if self.take_audio else None
@@ -211,10 +206,7 @@ class WhipIngest:
             await _close_quietly(pc)
             raise
 
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                self._end(session, f"connection {pc.connectionState}")
+        end_on_connection_loss(pc, lambda reason: self._end(session, reason))
 
         self._sessions[session.id] = session
         session.reader = asyncio.get_running_loop().create_task(
@@ -481,10 +473,7 @@ class WhepEgress:
                 raise
             raise BadOfferError(f"cannot answer the offer: {exc}") from None
 
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                self._end(session)
+        end_on_connection_loss(pc, lambda _reason: self._end(session))
 
         self._sessions[session.id] = session
         log.info("WHEP %s: viewer on %s (%d on it)", session.id, key, len(feed.viewers))

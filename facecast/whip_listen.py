@@ -32,7 +32,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from facecast.errors import MediaError
 from facecast.media.frame import Frame
 from facecast.server import ThreadedServer
-from facecast.slots import Closed, LatestSlot
+from facecast.slots import LatestSlot
 from facecast.webrtc import BadOfferError, NegotiationTimeout
 from facecast.whip import (
     BusyKeyError,
@@ -140,13 +140,7 @@ class WhipListenSource:
     def items(self, stop: threading.Event) -> Iterator[Frame]:
         """The newest frame of the current publisher, until ``stop``; between publishers
         nothing (the pipeline holds its last frame). Ends within ~0.1 s of ``stop``."""
-        while not stop.is_set():
-            try:
-                frame = self._frames.get(timeout=0.1)
-            except Closed:
-                return
-            if frame is not None:
-                yield frame
+        yield from self._frames.values(lambda: not stop.is_set(), poll=0.1)
 
     def close(self) -> bool:
         """End every session and stop listening; False if the server did not stop in time."""
