@@ -33,7 +33,7 @@ from facecast.bench_handoff import RedisServer
 from facecast.config import StreamSettings
 from facecast.consent import ConsentRegistry
 from facecast.errors import FacecastError
-from facecast.ingest import free_port, free_ports
+from facecast.ingest import free_port
 from facecast.media.image_io import decode_image_bytes
 from facecast.profiles import Profile
 from facecast.server import ThreadedServer
@@ -42,6 +42,7 @@ from facecast.store import ClusterStore
 from facecast.worker import Worker
 
 from .conftest import MEDIA, REPO
+from .test_service import service_on_free_ports
 
 TOKEN = "consent-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -59,19 +60,9 @@ def decoded(name: str) -> np.ndarray:
 
 
 def make_service(tmp_path: Path, profiles: dict | None = None, **options) -> Service:
-    http_port, rtmp_port, hls_port = free_ports(3)
     if "store" not in options:
         options["state_dir"] = tmp_path / "state"
-    return Service(
-        profiles or {},
-        token=TOKEN,
-        host="127.0.0.1",
-        http_port=http_port,
-        rtmp_port=rtmp_port,
-        hls_port=hls_port,
-        prefix=tmp_path / "ingest",
-        **options,
-    )
+    return service_on_free_ports(tmp_path, profiles or {}, token=TOKEN, **options)
 
 
 @contextlib.contextmanager

@@ -58,18 +58,8 @@ def write_profiles(folder, entries: dict[str, str]):
 
 @pytest.fixture
 def service(tmp_path):
-    http_port, rtmp_port, hls_port = free_ports(3)
     profiles = load_profiles(write_profiles(tmp_path, {"alice": "obama.jpg", "bob": "biden.jpg"}))
-    svc = Service(
-        profiles,
-        token=TOKEN,
-        host="127.0.0.1",
-        http_port=http_port,
-        rtmp_port=rtmp_port,
-        hls_port=hls_port,
-        prefix=tmp_path / "ingest",
-        state_dir=tmp_path / "state",
-    )
+    svc = service_on_free_ports(tmp_path, profiles, token=TOKEN, state_dir=tmp_path / "state")
     svc.start()
     yield svc
     svc.stop()
@@ -268,15 +258,20 @@ def png(image) -> bytes:
 def make_service(tmp_path, profiles_file, state, **options) -> Service:
     """A Service on free ports, not started; ``state``: its state folder, or None;
     ``options``: other Service arguments (the token is TOKEN unless given)."""
+    options.setdefault("token", TOKEN)
+    return service_on_free_ports(tmp_path, load_profiles(profiles_file), state_dir=state, **options)
+
+
+def service_on_free_ports(tmp_path, profiles: dict, **options) -> Service:
+    """A Service on free loopback ports, its nginx under ``tmp_path``, not started;
+    ``options``: the other Service arguments (token, state_dir, store...)."""
     http_port, rtmp_port, hls_port = free_ports(3)
     return Service(
-        load_profiles(profiles_file),
-        token=options.pop("token", TOKEN),
+        profiles,
         http_port=http_port,
         rtmp_port=rtmp_port,
         hls_port=hls_port,
         prefix=tmp_path / "ingest",
-        state_dir=state,
         **options,
     )
 

@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from facecast.ingest import free_ports
 from facecast.service import Service, load_profiles
 from tests import live_helpers
 from tests.live_helpers import publish, stop_process, wait_for_stream, wait_until
@@ -38,7 +37,7 @@ from . import test_web_page as web_page
 from .conftest import MEDIA, REPO
 from .media_helpers import identity_distances
 from .test_live_stream import grab_face_frames
-from .test_service import write_profiles
+from .test_service import service_on_free_ports, write_profiles
 
 # fixtures shared with the web page's tests: Chromium with a fake camera showing a face
 live_procs = live_helpers.live_procs
@@ -74,16 +73,8 @@ async ([url, token, withAudio]) => {
 
 @pytest.fixture
 def service(tmp_path):
-    http_port, rtmp_port, hls_port = free_ports(3)
-    svc = Service(
-        load_profiles(write_profiles(tmp_path, {"cam": SOURCE})),
-        token=TOKEN,
-        host="127.0.0.1",
-        http_port=http_port,
-        rtmp_port=rtmp_port,
-        hls_port=hls_port,
-        prefix=tmp_path / "ingest",
-    )
+    profiles = load_profiles(write_profiles(tmp_path, {"cam": SOURCE}))
+    svc = service_on_free_ports(tmp_path, profiles, token=TOKEN)
     svc.start()
     yield svc
     svc.stop()
