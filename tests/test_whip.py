@@ -93,6 +93,7 @@ def test_chromium_publishes_over_whip_and_the_key_comes_out_swapped(
     assert location.startswith("/whip/cam/")
 
     # relayed to live/cam: the key's own pipeline swaps it onto swapped/cam
+    wait_for_stream(service.ingest.rtmp_url("swapped", "cam"), timeout=40)
     frames = grab_face_frames(service.ingest.rtmp_url("swapped", "cam"), analyser, 6, 40)
     distances = identity_distances(analyser, embedder, frames, identities)
     print("swapped/cam from WHIP", distances)
@@ -153,6 +154,9 @@ def test_ffmpegs_whip_muxer_publishes_a_face_that_comes_out_swapped(
             [*cmd, TOKEN, str(cert), str(key)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO
         )
     try:
+        # swapped/cam exists once the relay has published and the pipeline started: before,
+        # nginx refuses to play it
+        wait_for_stream(service.ingest.rtmp_url("swapped", "cam"), timeout=40)
         frames = grab_face_frames(service.ingest.rtmp_url("swapped", "cam"), analyser, 6, 40)
         publisher.send_signal(signal.SIGTERM)
         assert publisher.wait(30) == 0, log.read_text()[-3000:]
