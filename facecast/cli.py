@@ -746,13 +746,15 @@ def stream(
         check_consent(consent_dir, [settings.source_image, *settings.extra_sources, *faces])
     if ignored:
         warn(ignored)
+    from facecast.media import gst
+    from facecast.media.live_sink import plan_output
     from facecast.provenance import load_signing_key
 
-    # a file output is signed once whole (C2PA); a live one carries the SEI mark only
     assert settings.output is not None
-    live_output = "://" in settings.output or settings.output.startswith("gst:")
-    output_file = None if live_output else Path(settings.output)
     try:
+        # a file output is signed once whole (C2PA); a live one carries the SEI mark only
+        plan = None if gst.is_gst(settings.output) else plan_output(settings.output)
+        output_file = Path(plan.target) if plan is not None and plan.kind == "file" else None
         signing = load_signing_key(c2pa_cert, c2pa_key) if output_file else None
         run_stream(settings)
     except FacecastError as exc:
