@@ -106,14 +106,19 @@ RecogniserFlag = Annotated[
 ]
 SwapperFlag = Annotated[
     str | None,
-    typer.Option(metavar="NAME", help="Swapper: mesh (embedded, default) or inswapper."),
+    typer.Option(
+        metavar="NAME",
+        help="Swapper: mesh (embedded, default), or a learned family from --models-dir: "
+        "inswapper, hyperswap, simswap, ghost, blendswap, uniface, hififace (or a file name).",
+    ),
 ]
 SwapSizeFlag = Annotated[
     int | None,
     typer.Option(
         metavar="PX",
-        help="inswapper's face size: 128 (one run), 256, 384 or 512 (4, 9 or 16 sub-pixel "
-        "runs interleaved: sharper, that many times dearer) [env FACECAST_SWAP_SIZE].",
+        help="A learned swapper's face size: 128, 256, 384 or 512; a multiple k of the "
+        "model's own (inswapper 128, the others 256) runs it k x k times on sub-pixel "
+        "shifts, interleaved: sharper, that many times dearer [env FACECAST_SWAP_SIZE].",
     ),
 ]
 EnhancerFlag = Annotated[

@@ -53,10 +53,11 @@ class ModelSettings(BaseSettings):
     models_dir: Path | None = None
     detector: str = "blazeface"  # or scrfd | retinaface | yoloface, or a file in models_dir
     recogniser: str = "dlib"  # or arcface
-    swapper: str = "mesh"  # or inswapper
+    swapper: str = "mesh"  # or a learned family: inswapper, hyperswap, simswap, ghost, ...
     enhancer: str | None = None  # or gfpgan (any 512x512 face restorer)
-    # inswapper's output size: 256, 384 or 512 run its 128 model on 4, 9 or 16 sub-pixel
-    # shifted samplings of a larger crop and interleave them (sharper, that many times dearer)
+    # a learned swapper's output size: a multiple k of the model's own (inswapper 128, the
+    # others 256) runs it on k x k sub-pixel shifted samplings of a larger crop and interleaves
+    # them (sharper, that many times dearer); at or below the model's own, one run
     swap_size: int = 128
     # tried in order, CPU always last; FACECAST_EXECUTION_PROVIDERS='["cuda","cpu"]'
     execution_providers: list[str] = ["cpu"]

@@ -132,23 +132,13 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
         swapper: Any = MeshSwapper(swap_options)
         if choice.swap_size != 128:
             log.warning(
-                "swap size %d applies to inswapper; the embedded swapper already works at "
+                "swap size %d applies to the learned swappers; the embedded one already works at "
                 "the face's own size",
                 choice.swap_size,
             )
     else:
-        from facecast.swap.inswapper import InswapperSwapper
-
-        model, _ = open_model(choice, "swapper", choice.swapper)
-        # the inswapper latent is an ArcFace embedding, whatever recognises identities
-        arcface = load_recogniser(choice, require_arcface=True)
-        recogniser = arcface if choice.recogniser != EMBEDDED["recogniser"] else None
-        swapper = InswapperSwapper(
-            model,
-            arcface,  # type: ignore[arg-type]
-            swap_options,
-            swap_size=choice.swap_size,
-        )
+        swapper = load_learned_swapper(choice, swap_options)
+        recogniser = swapper.recogniser if choice.recogniser != EMBEDDED["recogniser"] else None
     enhancer = None
     if choice.enhancer:
         from facecast.swap.enhance import FaceEnhancer, framing_for
@@ -160,9 +150,37 @@ def load_models(choice: ModelChoice, swap_options: SwapOptions | None = None) ->
     return Models(choice, detector, swapper, enhancer, recogniser)
 
 
+def load_learned_swapper(choice: ModelChoice, swap_options: SwapOptions | None) -> Any:
+    """The user's swapper file, with what its family takes the source through: the ArcFace
+    recogniser (all but blendswap and uniface, which take a crop of the source photo) and,
+    for ghost, simswap and hififace, the family's embedding converter."""
+    from facecast.swap.conventions import convention_for
+    from facecast.swap.learned import LearnedSwapper
+
+    model, found = open_model(choice, "swapper", choice.swapper)
+    family = found.family
+    size = LearnedSwapper.model_size(model)
+    convention = convention_for(family or "", size)
+    arcface = None
+    if convention is None or convention.needs_recogniser:
+        # the identity input is an ArcFace embedding, whatever recognises identities
+        arcface = load_recogniser(choice, require_arcface=True)
+    converter = None
+    if convention is not None and convention.needs_converter:
+        converter, _ = open_model(choice, "converter", convention.family)
+    return LearnedSwapper(
+        model,
+        arcface,  # type: ignore[arg-type]
+        swap_options,
+        swap_size=choice.swap_size,
+        family=family,
+        converter=converter,
+    )
+
+
 def load_recogniser(choice: ModelChoice, require_arcface: bool = False) -> Recogniser:
-    """The identity model: dlib (embedded) or ArcFace from the models folder. The inswapper
-    needs ArcFace even when identities are told apart by dlib."""
+    """The identity model: dlib (embedded) or ArcFace from the models folder. The learned
+    swappers that take an embedding need ArcFace even when identities are told apart by dlib."""
     name = choice.recogniser
     if name == EMBEDDED["recogniser"]:
         if not require_arcface:

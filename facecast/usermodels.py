@@ -29,20 +29,25 @@ from typing import Any, Literal
 from facecast.errors import FacecastError, ModelError
 from facecast.models import sha256_of
 from facecast.onnx_runtime import ModelFileError, fixed_dim, load_onnx
+from facecast.swap.conventions import CONVERTED
+from facecast.swap.conventions import FAMILIES as SWAPPER_FAMILIES
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["swapper", "recogniser", "detector", "enhancer"]
+Kind = Literal["swapper", "recogniser", "detector", "enhancer", "converter"]
 IdentifiedBy = Literal["sha256", "signature"]
 Dim = int | str | None  # a static size, a named dynamic size, or an unnamed dynamic size
 
 # Each kind and the families facecast has adapters for. "gfpgan" stands for the 512x512 face
 # restorers in general (GFPGAN, GPEN-BFR, RestoreFormer, CodeFormer with its "weight" input).
+# A "converter" maps ArcFace embeddings into the identity space a swapper family was trained
+# on (FaceFusion's crossface_ghost, crossface_simswap, crossface_hififace).
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "swapper": ("inswapper",),
+    "swapper": SWAPPER_FAMILIES,
     "recogniser": ("arcface",),
     "detector": ("scrfd", "retinaface", "yoloface"),
     "enhancer": ("gfpgan",),
+    "converter": CONVERTED,
 }
 
 # sha256 -> (kind, family, name) of known files. A hash match wins over the signature, so a
@@ -117,7 +122,10 @@ KNOWN_SHA256: dict[str, tuple[Kind, str, str]] = {
 ENV_VAR = "FACECAST_MODELS_DIR"
 # square input sizes accepted as face enhancers (GPEN-BFR also comes in 256 and 1024)
 ENHANCER_SIZES = (256, 512, 1024)
-SUPPORTED = "inswapper, arcface, scrfd, retinaface, yoloface, GFPGAN-class enhancer"
+SUPPORTED = (
+    f"swappers {', '.join(SWAPPER_FAMILIES)}; their embedding converters; arcface; scrfd, "
+    "retinaface, yoloface; GFPGAN-class enhancers"
+)
 
 
 @dataclass(frozen=True)
@@ -237,7 +245,9 @@ def identify(path: Path, file: str | None = None) -> FoundModel:
     found = replace(found, inputs=inputs, outputs=outputs)
     if known:
         return found
-    match = match_signature(inputs, outputs)
+    match = match_signature(inputs, outputs, path.stem)
+    if isinstance(match, str):
+        return replace(found, reason=match)
     if match is None:
         return replace(
             found,
@@ -311,15 +321,49 @@ def _last_dims(tensors: Sequence[Tensor]) -> Counter:
     return Counter(t.shape[-1] if t.shape else None for t in tensors)
 
 
-def _inswapper(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:
+def _swapper_family(ins: Sequence[Tensor], outs: Sequence[Tensor], stem: str) -> str | None:
+    """A learned swapper's family: "target" [N,3,S,S] and "source" (an identity vector
+    [N,512] or a face crop [N,3,s,s]) in, the redrawn [N,3,S,S] first out. The inputs tell
+    inswapper (128), blendswap (a 112 px source crop), uniface (a 256 px one) and simswap's
+    512 export apart; at 256 px with a vector, hyperswap, simswap, ghost and hififace look
+    alike, and the file's name says which (FaceFusion's names start with the family).
+    Returns "" for such a file whose name does not."""
     named = {t.name: t for t in ins}
-    return (
-        len(ins) == 2
-        and len(outs) == 1
-        and fits(named.get("target"), ANY, 3, 128, 128)
-        and fits(named.get("source"), ANY, 512)
-        and fits(outs[0], ANY, 3, 128, 128)
-    )
+    target, source = named.get("target"), named.get("source")
+    if len(ins) != 2 or not outs or not fits(target, ANY, 3, ANY, ANY):
+        return None
+    assert target is not None and target.shape is not None
+    size = target.shape[2]
+    if not is_static(size) or target.shape[3] != size or not fits(outs[0], ANY, 3, size, size):
+        return None
+    if fits(source, ANY, 3, 112, 112) and size == 256:
+        return "blendswap"
+    if fits(source, ANY, 3, 256, 256) and size == 256:
+        return "uniface"
+    if not fits(source, ANY, 512):
+        return None
+    if size == 128:
+        return "inswapper" if len(outs) == 1 else None
+    if size == 512:
+        return "simswap"
+    if size == 256:
+        return _family_in_name(stem, ("hyperswap", "simswap", "ghost", "hififace")) or ""
+    return None
+
+
+def _family_in_name(stem: str, families: Sequence[str]) -> str | None:
+    lowered = stem.lower()
+    return next((f for f in families if f in lowered), None)
+
+
+def _converter_family(ins: Sequence[Tensor], outs: Sequence[Tensor], stem: str) -> str | None:
+    """An embedding converter ([N,512] in, [N,512] out), the family it serves read from its
+    name (crossface_ghost.onnx); "" when the name names none."""
+    if len(ins) != 1 or len(outs) != 1 or not fits(ins[0], ANY, 512):
+        return None
+    if not fits(outs[0], ANY, 512):
+        return None
+    return _family_in_name(stem, CONVERTED) or ""
 
 
 def _arcface(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:
@@ -381,7 +425,6 @@ def _enhancer(ins: Sequence[Tensor], outs: Sequence[Tensor]) -> bool:
 
 # checked in order; the signatures do not overlap, the order only makes that obvious
 MATCHERS: tuple[tuple[Kind, str, Callable[[Sequence[Tensor], Sequence[Tensor]], bool]], ...] = (
-    ("swapper", "inswapper", _inswapper),
     ("recogniser", "arcface", _arcface),
     ("detector", "yoloface", _yoloface),
     ("detector", "scrfd", _scrfd),
@@ -390,8 +433,28 @@ MATCHERS: tuple[tuple[Kind, str, Callable[[Sequence[Tensor], Sequence[Tensor]], 
 )
 
 
-def match_signature(inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> tuple[Kind, str] | None:
-    """(kind, family) for a graph whose inputs and outputs match a supported model's."""
+def match_signature(
+    inputs: Sequence[Tensor], outputs: Sequence[Tensor], stem: str = ""
+) -> tuple[Kind, str] | str | None:
+    """(kind, family) for a graph whose inputs and outputs match a supported model's; a
+    reason (str) for one whose signature fits a kind but whose family only its file name
+    ``stem`` could tell, and does not; None for anything else."""
+    swapper = _swapper_family(inputs, outputs, stem)
+    if swapper == "":
+        return (
+            "a 256 px swapper with an ArcFace input: hyperswap, simswap, ghost and hififace "
+            "look alike; rename the file to start with its family (hyperswap_1a_256.onnx)"
+        )
+    if swapper:
+        return "swapper", swapper
+    converter = _converter_family(inputs, outputs, stem)
+    if converter == "":
+        return (
+            "an embedding converter ([N,512] to [N,512]) for a family its name does not say: "
+            f"rename it after its swapper family ({', '.join(CONVERTED)}), as crossface_ghost.onnx"
+        )
+    if converter:
+        return "converter", converter
     for kind, family, matches in MATCHERS:
         if matches(inputs, outputs):
             return kind, family

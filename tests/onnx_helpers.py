@@ -196,3 +196,82 @@ def inswapper_model(
         initializers,
         name="inswapper-stand-in",
     )
+
+
+def swapper_model(
+    path: Path,
+    size: int,
+    source_shape: Shape,
+    keep: Sequence[float],
+    offset: Sequence[float],
+    expected_source: np.ndarray | None = None,
+    tolerance: float = 1e-3,
+    gain: float = 1000.0,
+    mask_output: bool = False,
+) -> Path:
+    """A learned swapper stand-in with the real names: "target" [1,3,size,size] and
+    "source" (``source_shape``) in, "output" [1,3,size,size] out (and a "mask" [1,1,S,S]
+    second output, as some exports have, with ``mask_output``).
+
+    The output is ``target * keep + offset`` per channel (the test picks them so that the
+    family's documented scaling brings the crop back, or paints a flat colour), plus ``gain``
+    x max(|source - expected_source| - ``tolerance``, 0) times a +-1 checkerboard: with the
+    source input the family should get, the body alone; with any other, a high-contrast
+    pattern through the whole swap. Without ``expected_source`` the source is unused."""
+    ys, xs = np.mgrid[:size, :size]
+    checkerboard = np.where((ys // 4 + xs // 4) % 2 == 0, 1.0, -1.0)
+    expected = (
+        np.zeros([d if isinstance(d, int) else 1 for d in source_shape])
+        if expected_source is None
+        else expected_source
+    )
+    nodes = [
+        helper.make_node("Mul", ["target", "keep"], ["kept"]),
+        helper.make_node("Add", ["kept", "offset"], ["body"]),
+        helper.make_node("Sub", ["source", "expected"], ["diff"]),
+        helper.make_node("Abs", ["diff"], ["abs_diff"]),
+        helper.make_node("ReduceMax", ["abs_diff"], ["worst"], keepdims=0),
+        helper.make_node("Sub", ["worst", "tolerance"], ["excess"]),
+        helper.make_node("Relu", ["excess"], ["over"]),
+        helper.make_node("Mul", ["over", "gain"], ["amount"]),
+        helper.make_node("Mul", ["amount", "pattern"], ["gated"]),
+        helper.make_node("Add", ["body", "gated"], ["output"]),
+    ]
+    outputs: dict[str, Shape] = {"output": [1, 3, size, size]}
+    if mask_output:
+        nodes.append(helper.make_node("ReduceMean", ["body"], ["mask"], axes=[1], keepdims=1))
+        outputs["mask"] = [1, 1, size, size]
+    initializers = {
+        "keep": np.asarray(keep, np.float32).reshape(1, 3, 1, 1),
+        "offset": np.asarray(offset, np.float32).reshape(1, 3, 1, 1),
+        "expected": np.asarray(expected, np.float32),
+        "tolerance": np.array(tolerance, np.float32),
+        "gain": np.array(gain if expected_source is not None else 0.0, np.float32),
+        "pattern": checkerboard.astype(np.float32)[None, None],
+    }
+    return save_model(
+        path,
+        nodes,
+        {"target": [1, 3, size, size], "source": list(source_shape)},
+        outputs,
+        initializers,
+        name="swapper-stand-in",
+    )
+
+
+def converter_model(path: Path, weight: np.ndarray, bias: np.ndarray) -> Path:
+    """An embedding converter stand-in (crossface_*): "input" [1,512] -> "output" [1,512],
+    ``input @ weight + bias`` (the bias makes a unit-length input give another direction
+    than the raw one, so a test can tell which it was fed)."""
+    nodes = [
+        helper.make_node("MatMul", ["input", "weight"], ["projected"]),
+        helper.make_node("Add", ["projected", "bias"], ["output"]),
+    ]
+    return save_model(
+        path,
+        nodes,
+        {"input": [1, weight.shape[0]]},
+        {"output": [1, weight.shape[1]]},
+        {"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)},
+        name="converter-stand-in",
+    )

@@ -26,7 +26,7 @@ from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.detect_onnx import ScrfdDetector
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
 from facecast.onnx_runtime import OnnxModel
-from facecast.swap.inswapper import InswapperSwapper
+from facecast.swap.learned import LearnedSwapper
 
 from . import test_inswapper
 from .conftest import load
@@ -78,11 +78,11 @@ def test_the_inswapper_crop_latent_and_output_match_insightface(tmp_path, faces,
     source_image, source_face = faces["alex-lacamoire.png"]
     embedding = recogniser.embed(source_image, source_face)
     # the latent facecast feeds: a stand-in that paints a checkerboard unless fed exactly it
-    plain = InswapperSwapper(
+    plain = LearnedSwapper(
         OnnxModel(inswapper_model(tmp_path / "plain.onnx", emap, leading={"decoy": decoy})),
         recogniser,
     )
-    latent = plain.prepare(source_image, source_face, embedding).latent
+    latent = plain.prepare(source_image, source_face, embedding).value
     gated = inswapper_model(
         tmp_path / "inswapper_128.onnx",
         emap,
@@ -91,7 +91,7 @@ def test_the_inswapper_crop_latent_and_output_match_insightface(tmp_path, faces,
         gain=50.0,
     )
     theirs = INSwapper(model_file=str(gated))
-    ours = InswapperSwapper(OnnxModel(gated), recogniser)
+    ours = LearnedSwapper(OnnxModel(gated), recogniser)
     source = SimpleNamespace(normed_embedding=embedding.astype(np.float32))
     for name in ("obama.jpg", "two_people.jpg"):
         image, face = faces[name]

@@ -19,7 +19,7 @@ from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.recognise import ArcFaceRecogniser, Recogniser
 from facecast.faces.topology import mesh_topology
 from facecast.onnx_runtime import ModelFileError, OnnxModel
-from facecast.swap.inswapper import InswapperSwapper, paste_face
+from facecast.swap.learned import LearnedSwapper, paste_face
 from facecast.swap.mesh_swapper import SwapOptions
 from facecast.timing import StageClock
 
@@ -64,11 +64,11 @@ def emaps():
 
 def swapper_for(
     tmp_path, recogniser, emaps, options=None, swap_size=None, **model_args
-) -> InswapperSwapper:
+) -> LearnedSwapper:
     decoy, emap = emaps
     path = tmp_path / f"inswapper_{len(list(tmp_path.iterdir()))}.onnx"
     inswapper_model(path, emap, leading={"decoy": decoy}, **model_args)
-    return InswapperSwapper(OnnxModel(path), recogniser, options, swap_size=swap_size)
+    return LearnedSwapper(OnnxModel(path), recogniser, options, swap_size=swap_size)
 
 
 # -- independent arithmetic
@@ -241,8 +241,8 @@ def test_latent_is_the_normalised_embedding_through_the_last_initializer(
     embedding = expected_embedding(source_img, source_face, projection)
     want = unit(embedding @ emap)
     source = swapper_for(tmp_path, recogniser, emaps).prepare(source_img, source_face)
-    assert source.latent.shape == (1, 512) and source.latent.dtype == np.float32
-    assert np.abs(source.latent[0] - want).max() < 1e-5
+    assert source.value.shape == (1, 512) and source.value.dtype == np.float32
+    assert np.abs(source.value[0] - want).max() < 1e-5
     assert np.abs(unit(embedding @ decoy) - want).max() > 0.05  # the decoy would be caught
 
     # what the model is fed: the stand-in adds a checkerboard of 10 * sum|fed - expected|
@@ -361,7 +361,7 @@ def test_a_larger_swap_size_interleaves_shifted_runs_into_a_sharper_face(
     assert interleaved.passes == k and interleaved.crop_size == swap_size
     image, face = faces["obama.jpg"]
     crop = np.random.default_rng(3).integers(0, 256, (swap_size, swap_size, 3), np.uint8)
-    latent = interleaved.prepare(image, face).latent
+    latent = interleaved.prepare(image, face).value
     assert np.abs(interleaved.redraw(crop, latent).astype(int) - crop).max() <= 1
     clock = StageClock()
     errors = {}
@@ -431,7 +431,7 @@ def sheet_tile(image: np.ndarray, face, margin: float = 0.35, size: int = 200) -
 def test_model_signature_errors(tmp_path, recogniser, emaps, faces, projection):
     no_source = identity_model(tmp_path / "no_source.onnx", "target", "output", [1, 3, 128, 128])
     with pytest.raises(ModelFileError, match="source"):
-        InswapperSwapper(OnnxModel(no_source), recogniser)
+        LearnedSwapper(OnnxModel(no_source), recogniser)
 
     # the right inputs, but the graph ends with something that is not a 512-column map
     nodes = [
@@ -446,7 +446,7 @@ def test_model_signature_errors(tmp_path, recogniser, emaps, faces, projection):
         {"emap": emaps[1], "keep": np.array(1.0, np.float32)},
     )
     with pytest.raises(ModelFileError, match="last initializer"):
-        InswapperSwapper(OnnxModel(no_map), recogniser)
+        LearnedSwapper(OnnxModel(no_map), recogniser)
 
     gray = identity_model(tmp_path / "gray.onnx", "input.1", "683", [1, 1, 112, 112])
     with pytest.raises(ModelFileError, match="ArcFace"):

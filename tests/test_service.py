@@ -420,7 +420,7 @@ def test_each_key_can_run_its_own_swapper(tmp_path):
     carol = build_pipeline(svc.settings_for("carol"), name="carol").engine
     dave = build_pipeline(svc.settings_for("dave"), name="dave").engine
     assert type(carol.swapper).__name__ == "MeshSwapper"
-    assert type(dave.swapper).__name__ == "InswapperSwapper"
+    assert type(dave.swapper).__name__ == "LearnedSwapper"
     assert dave.models.recogniser is dave.swapper.recogniser  # one ArcFace for both jobs
 
     path.write_text(f"erin:\n  source: {MEDIA / 'obama.jpg'}\n  upscaler: x\n")

@@ -61,6 +61,42 @@ def ffhq_template(size: int) -> np.ndarray:
     return FFHQ_UNIT * float(size)
 
 
+# Five-point templates of the learned swappers, in units of the crop size, by the names
+# FaceFusion gives them (facefusion/face_helper.py, WARP_TEMPLATE_SET), which is where the
+# users' swapper files come from: each model was trained on crops made with one of these.
+# "arcface_112_v2" is the ArcFace template above; "arcface_128" is it shifted for inswapper's
+# 128 crop (``arcface_template(128)``); "ffhq_512" is FFHQ's; "arcface_112_v1" (SimSwap,
+# GHOST) and "mtcnn_512" (HiFiFace) frame the face lower and looser.
+UNIT_TEMPLATES: dict[str, np.ndarray] = {
+    "arcface_112_v1": np.array(
+        [
+            [0.35473214, 0.45658929],
+            [0.64526786, 0.45658929],
+            [0.50000000, 0.61154464],
+            [0.37913393, 0.77687500],
+            [0.62086607, 0.77687500],
+        ]
+    ),
+    "arcface_112_v2": ARCFACE_112 / 112.0,
+    "arcface_128": arcface_template(128) / 128.0,
+    "ffhq_512": FFHQ_UNIT,
+    "mtcnn_512": np.array(
+        [
+            [0.36562865, 0.46733799],
+            [0.63305391, 0.46585885],
+            [0.50019127, 0.61942959],
+            [0.39032951, 0.77598822],
+            [0.61178945, 0.77476328],
+        ]
+    ),
+}
+
+
+def named_template(name: str, size: int) -> np.ndarray:
+    """The template ``name`` (a key of ``UNIT_TEMPLATES``) for a ``size`` crop."""
+    return UNIT_TEMPLATES[name] * float(size)
+
+
 # GPEN's own framing (yangxy/GPEN, face_enhancement.py and align_faces.py): the ArcFace
 # points (the 96x112 MTCNN reference made square), padded by a quarter of the square on
 # every side (inner_padding_factor 0.25: 112 + 2 x 28 = 168), scaled to the crop. Looser

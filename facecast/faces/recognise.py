@@ -123,6 +123,11 @@ class ArcFaceRecogniser:
 
     def embed_crop(self, crop: np.ndarray) -> np.ndarray:
         """The normalised embedding of an already aligned crop."""
+        return normalise(self.raw_embedding_of_crop(crop))
+
+    def raw_embedding_of_crop(self, crop: np.ndarray) -> np.ndarray:
+        """The model's own output for an aligned crop, not normalised: the embedding
+        converters of some swappers (ghost, simswap, hififace) were trained on it."""
         blob = arcface_blob(crop, self.mean, self.std)
         (raw,) = self.model.run({self.input_name: blob}, [self.model.outputs[0][0]])
         raw = np.asarray(raw, np.float32).reshape(-1)
@@ -130,11 +135,15 @@ class ArcFaceRecogniser:
             raise ModelFileError(
                 f"{self.model.path.name}: returned {raw.size} values, expected {self.dim}"
             )
-        return normalise(raw)
+        return raw
 
     def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
         """Unit-length embedding of ``face`` in ``image`` (BGR)."""
         return self.embed_crop(self.crop(image, face))
+
+    def raw_embedding(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """The model's own output for ``face`` (see ``raw_embedding_of_crop``)."""
+        return self.raw_embedding_of_crop(self.crop(image, face))
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> float:
         return cosine_distance(a, b)

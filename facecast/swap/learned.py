@@ -1,24 +1,28 @@
-"""A user-supplied inswapper-class model (inswapper_128) behind the MeshSwapper interface.
+"""A user-supplied learned swapper (inswapper, hyperswap, simswap, ghost, blendswap, uniface,
+hififace) behind the MeshSwapper interface.
 
-The model redraws an aligned 128x128 crop of the target with the source's identity, keeping
-the target's pose, expression and lighting. Its identity input is not the ArcFace embedding
-itself but a latent: the normalised embedding times the model's embedding map (a 512x512
-matrix stored as the graph's last initializer), normalised again.
+The model redraws an aligned crop of the target with the source's identity, keeping the
+target's pose, expression and lighting. Each family's crop, input scaling, output range and
+source input are in ``swap/conventions.py``. The identity input is, per family: inswapper's
+latent (the normalised ArcFace embedding times the model's embedding map, a 512x512 matrix
+stored as the graph's last initializer, normalised again); the unit ArcFace embedding
+(hyperswap); the raw embedding through a converter model the user supplies beside it (ghost,
+simswap, hififace); or an aligned crop of the source photo (blendswap, uniface).
 
-Per source (once): the ArcFace embedding and the latent. Per target face (every frame):
-1. the target aligned to inswapper's template (the ArcFace one, shifted; ``faces/align.py``);
-2. the model run on that crop and the latent;
+Per source (once): that identity input. Per target face (every frame):
+1. the target aligned to the family's template (``faces/align.py``), at the swap size;
+2. the model run on that crop (k x k times on its sub-pixel samplings at a larger swap size);
 3. in crop space, the project's own masks (the face oval from the target's mesh, feathered;
    a feathered box when there is no mesh), the target's mouth opening and occluders kept,
    colour matched to the target's skin;
 4. the crop warped back and blended into the frame inside the mask's footprint only.
 
-Of ``SwapOptions``: ``blend`` (feather or Poisson), ``keep_mouth`` (inswapper keeps the
-expression, so the opening is where the target's is, and its 128-pixel teeth are its weakest
-part: the target's own are sharper) and ``keep_occluders`` (the embedded swapper's colour
-rule, in crop space) apply. ``keep_eyes`` does not: the eyes carry much of the identity the
-model was asked to draw. ``shape_strength`` and ``shading`` do not either: the model draws
-the outline and the lighting itself.
+Of ``SwapOptions``: ``blend`` (feather or Poisson), ``keep_mouth`` (the models keep the
+expression, so the opening is where the target's is, and their teeth are their weakest part:
+the target's own are sharper) and ``keep_occluders`` (the embedded swapper's colour rule, in
+crop space) apply. ``keep_eyes`` does not: the eyes carry much of the identity the model was
+asked to draw. ``shape_strength`` and ``shading`` do not either: the model draws the outline
+and the lighting itself.
 """
 
 from __future__ import annotations
@@ -33,55 +37,50 @@ import cv2
 import numpy as np
 
 from facecast.errors import FacecastError
-from facecast.faces.align import align_crop, arcface_template, five_points
+from facecast.faces.align import align_crop, five_points, named_template
 from facecast.faces.face import Face
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
 from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
 from facecast.swap import blend
+from facecast.swap.conventions import (
+    FAMILIES,
+    Convention,
+    convention_for,
+    sizes_of,
+    source_blob,
+)
 from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
 from facecast.timing import StageClock
 
 log = logging.getLogger(__name__)
 
-CROP_SIZE = 128
-LATENT_SIZE = 512
+LATENT_SIZE = 512  # inswapper's latent, when the file leaves it unnamed
 # Mask geometry, in fractions of the face's width in the crop (as MeshSwapper's, which are in
 # fractions of the face's width in the frame: the same look at any scale).
 OVAL_FEATHER = 0.09
 SKIN_FEATHER = 0.06
 MOUTH_SOFTEN = 0.012
-# Without a mesh: boxes in fractions of the crop (x0, y0, x1, y1). The template puts the eyes
-# at 0.36-0.64 across and 0.40 down, the mouth at 0.72 down: the face spans about 0.2-0.8
-# across and reaches the crop's bottom; the corners are hair, ears and background.
+# Without a mesh: boxes in fractions of the crop (x0, y0, x1, y1). The templates put the eyes
+# at about 0.35-0.65 across and 0.40-0.47 down, the mouth at 0.72-0.78 down: the face spans
+# about 0.2-0.8 across and reaches the crop's bottom; the corners are hair, ears and
+# background.
 FACE_BOX = (0.14, 0.12, 0.86, 0.96)
 BOX_FEATHER = 0.1
 SKIN_BOX = (0.28, 0.46, 0.72, 0.8)  # colour statistics: cheeks, nose, mouth; not the eyes
 
 
 @dataclass(frozen=True)
-class LatentFace:
+class SourceInput:
     """What the swap needs from the source photo, computed once."""
 
-    latent: np.ndarray  # (1, 512) float32, unit length: the model's "source" input
-    embedding: np.ndarray  # the normalised ArcFace embedding it came from
+    value: np.ndarray  # the model's "source" input (an identity vector or an image blob)
+    embedding: np.ndarray | None  # the unit ArcFace embedding behind it, if any
 
 
 def latent_from_embedding(embedding: np.ndarray, emap: np.ndarray) -> np.ndarray:
     """inswapper's identity input: normalise(normalise(embedding) @ emap), shape (1, N)."""
     projected = normalise(np.ravel(embedding)).astype(np.float64) @ emap.astype(np.float64)
     return normalise(projected).astype(np.float32)[None]
-
-
-def swapper_blob(crop: np.ndarray) -> np.ndarray:
-    """An aligned BGR uint8 crop as inswapper's "target": RGB, 0..1, 1x3xHxW."""
-    rgb = crop[:, :, ::-1].astype(np.float32) / 255.0
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
-
-
-def image_from_output(output: np.ndarray) -> np.ndarray:
-    """The model's 1x3xHxW RGB 0..1 output as a BGR uint8 image."""
-    rgb = np.clip(output[0].transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5
-    return np.ascontiguousarray(rgb.astype(np.uint8)[:, :, ::-1])
 
 
 def box_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,36 +138,60 @@ def paste_face(
     return region
 
 
-class InswapperSwapper:
-    """The learned swapper: ``prepare`` once per source face, ``swap`` per target face."""
+class LearnedSwapper:
+    """A learned swapper: ``prepare`` once per source face, ``swap`` per target face."""
 
     def __init__(
         self,
         model: OnnxModel,
-        recogniser: ArcFaceRecogniser,
+        recogniser: ArcFaceRecogniser | None,
         options: SwapOptions | None = None,
         swap_size: int | None = None,
+        family: str | None = None,
+        converter: OnnxModel | None = None,
     ) -> None:
-        """``swap_size``: the face's size in the swap, a multiple of the model's own (128):
-        ``k = swap_size / 128`` gives k x k passes, each on every k-th pixel of a
-        ``swap_size`` crop from a different sub-pixel start, interleaved back into one
-        ``swap_size`` face (Rope's and VisoMaster's way to sharpen inswapper's output)."""
+        """``family``: the model's family (``usermodels`` identifies it); None reads it from
+        the signature where that is unambiguous. ``recogniser``: the ArcFace model for the
+        families whose source is an embedding; ``converter``: the embedding converter for
+        those that need one (ghost, simswap, hififace).
+
+        ``swap_size``: the face's size in the swap, a multiple of the model's own: ``k =
+        swap_size / size`` gives k x k passes, each on every k-th pixel of a ``swap_size``
+        crop from a different sub-pixel start, interleaved back into one ``swap_size`` face
+        (Rope's and VisoMaster's way to sharpen a swapper's output). A size at or below the
+        model's own is the model's own."""
         self.model = model
-        self.recogniser = recogniser
         self.options = options or SwapOptions()
-        self.size, latent_size, self.output_name = self._check_signature(model)
-        self.emap = self._embedding_map(model, latent_size)
-        swap_size = swap_size or self.size
+        self.size, source_shape, self.output_name = self._check_signature(model)
+        family = family or self._family_from_signature(model, self.size, source_shape)
+        convention = convention_for(family, self.size)
+        if convention is None:
+            known = ", ".join(map(str, sizes_of(family))) or "none"
+            raise ModelFileError(
+                f"{model.path.name}: a {family} model with a {self.size} px crop; facecast "
+                f"knows {family} exports of {known} px (families: {', '.join(FAMILIES)})"
+            )
+        self.convention = convention
+        self.recogniser = recogniser
+        self.converter = converter
+        self._check_source(model, convention, source_shape)
+        self.emap = (
+            self._embedding_map(model, fixed_dim(source_shape[1]) or LATENT_SIZE)
+            if convention.source == "latent"
+            else None
+        )
+        swap_size = max(swap_size or self.size, self.size)
         if swap_size % self.size:
             raise FacecastError(
                 f"swap size {swap_size} is not a multiple of {model.path.name}'s {self.size}"
             )
         self.passes = swap_size // self.size  # per side: passes**2 model runs per face
         self.crop_size = swap_size
-        self.template = arcface_template(swap_size)
+        self.template = named_template(convention.template, swap_size)
         if self.passes > 1:
             log.info(
-                "inswapper at %d px: %d runs of the %d model per face",
+                "%s at %d px: %d runs of the %d model per face",
+                family,
                 swap_size,
                 self.passes**2,
                 self.size,
@@ -176,26 +199,35 @@ class InswapperSwapper:
         # the embedded swapper's skin and feature masks: the same occluder rules for both
         self._masks = MeshSwapper(self.options)
 
+    @property
+    def family(self) -> str:
+        return self.convention.family
+
     @staticmethod
-    def _check_signature(model: OnnxModel) -> tuple[int, int, str]:
-        """(crop size, latent size, output name), or a ModelFileError saying what differs."""
+    def model_size(model: OnnxModel) -> int:
+        """The crop size ``model`` was made for (after checking its signature)."""
+        return LearnedSwapper._check_signature(model)[0]
+
+    @staticmethod
+    def _check_signature(model: OnnxModel) -> tuple[int, list, str]:
+        """(crop size, the "source" input's shape, output name), or a ModelFileError saying
+        what differs."""
         inputs = dict(model.inputs)
         name = model.path.name
-        expected = 'inputs "target" [1,3,128,128] and "source" [1,512]'
+        expected = 'inputs "target" [1,3,S,S] and "source" [1,512] or [1,3,S,S]'
         missing = [n for n in ("target", "source") if n not in inputs]
         if missing:
             raise ModelFileError(
-                f"{name}: not an inswapper-class model: no input {', '.join(map(repr, missing))}"
+                f"{name}: not a face swapper: no input {', '.join(map(repr, missing))}"
                 f" (found {list(inputs)}; expected {expected})"
             )
         target, source = inputs["target"], inputs["source"]
         sizes = {fixed_dim(d) for d in target[2:]} - {None}
         channels = target[1] if len(target) == 4 and isinstance(target[1], int) else 3
-        if len(target) != 4 or channels != 3 or len(sizes) > 1 or len(source) != 2:
+        if len(target) != 4 or channels != 3 or len(sizes) > 1 or len(source) not in (2, 4):
             raise ModelFileError(
                 f"{name}: inputs 'target' {target} and 'source' {source}; expected {expected}"
             )
-        latent = fixed_dim(source[1]) or LATENT_SIZE
         if not model.outputs:
             raise ModelFileError(f"{name}: the model has no output")
         out_name, out_shape = model.outputs[0]
@@ -203,7 +235,51 @@ class InswapperSwapper:
             raise ModelFileError(
                 f"{name}: output {out_name!r} has shape {out_shape}; expected [1,3,H,W]"
             )
-        return (sizes.pop() if sizes else CROP_SIZE), latent, out_name
+        size = sizes.pop() if sizes else 128  # a fully dynamic export: inswapper's 128
+        return size, list(source), out_name
+
+    @staticmethod
+    def _family_from_signature(model: OnnxModel, size: int, source: list) -> str:
+        """The family where the inputs alone tell it; else an error asking for it."""
+        if len(source) == 4:  # an image: blendswap's 112 px source crop, uniface's 256
+            return "blendswap" if fixed_dim(source[2]) == 112 else "uniface"
+        if size == 128:
+            return "inswapper"
+        if size == 512:
+            return "simswap"
+        raise ModelFileError(
+            f"{model.path.name}: a {size} px swapper with an embedding input: hyperswap, "
+            "simswap, ghost and hififace all look like this; name the family (a file name "
+            "that starts with it, e.g. hyperswap_1a_256.onnx, or --swapper FAMILY)"
+        )
+
+    def _check_source(self, model: OnnxModel, convention: Convention, shape: list) -> None:
+        name = model.path.name
+        if convention.source == "crop":
+            want = convention.source_size
+            got = {fixed_dim(d) for d in shape[2:]} - {None}
+            if len(shape) != 4 or (got and got != {want}):
+                raise ModelFileError(
+                    f"{name}: {convention.family}'s source is a {want} px face crop "
+                    f"[1,3,{want},{want}]; this file's is {shape}"
+                )
+            return
+        if len(shape) != 2:
+            raise ModelFileError(
+                f"{name}: {convention.family}'s source is an identity vector [1,512]; this "
+                f"file's is {shape}"
+            )
+        if self.recogniser is None:
+            raise FacecastError(
+                f"{name}: {convention.family} takes an ArcFace embedding: it needs an ArcFace "
+                "recogniser (w600k_r50) in the models folder"
+            )
+        if convention.needs_converter and self.converter is None:
+            raise FacecastError(
+                f"{name}: {convention.family} takes the ArcFace embedding through its "
+                f"converter model (FaceFusion's crossface_{convention.family}.onnx): put it "
+                "in the models folder"
+            )
 
     @staticmethod
     def _embedding_map(model: OnnxModel, latent_size: int) -> np.ndarray:
@@ -219,25 +295,50 @@ class InswapperSwapper:
 
     def prepare(
         self, image: np.ndarray, face: Face, embedding: np.ndarray | None = None
-    ) -> LatentFace:
-        """The source face's latent. ``embedding``: its ArcFace embedding from this
-        swapper's recogniser, when already computed."""
+    ) -> SourceInput:
+        """The source face as the model's "source" input. ``embedding``: its unit ArcFace
+        embedding from this swapper's recogniser, when already computed (not used by the
+        converted families, whose converter takes the raw one)."""
+        convention = self.convention
+        if convention.source == "crop":
+            size = int(convention.source_size or self.size)
+            template = named_template(str(convention.source_template), size)
+            crop, _ = align_crop(image, five_points(face), template, size)
+            return SourceInput(source_blob(crop), None)
+        recogniser = self.recogniser
+        assert recogniser is not None  # checked at construction
+        if convention.needs_converter:
+            raw = recogniser.raw_embedding(image, face)
+            converted = self._convert(raw)
+            value = normalise(converted) if convention.source == "converted_unit" else converted
+            return SourceInput(value.astype(np.float32)[None], normalise(raw))
         if embedding is None:
-            embedding = self.recogniser.embed(image, face)
+            embedding = recogniser.embed(image, face)
         embedding = normalise(np.ravel(embedding))
+        if convention.source == "embedding":
+            return SourceInput(embedding.astype(np.float32)[None], embedding)
+        assert self.emap is not None
         if embedding.size != self.emap.shape[0]:
             raise ModelFileError(
-                f"{self.recogniser.model.path.name} gives {embedding.size}-D embeddings but "
+                f"{recogniser.model.path.name} gives {embedding.size}-D embeddings but "
                 f"{self.model.path.name} maps {self.emap.shape[0]}-D ones: use the recogniser "
                 "the swap model was trained with (ArcFace w600k_r50 for inswapper_128)"
             )
-        return LatentFace(latent_from_embedding(embedding, self.emap), embedding)
+        return SourceInput(latent_from_embedding(embedding, self.emap), embedding)
+
+    def _convert(self, raw: np.ndarray) -> np.ndarray:
+        """The raw ArcFace embedding through the family's converter, as a flat vector."""
+        converter = self.converter
+        assert converter is not None  # checked at construction
+        (in_name, _), (out_name, _) = converter.inputs[0], converter.outputs[0]
+        (out,) = converter.run({in_name: raw.reshape(1, -1).astype(np.float32)}, [out_name])
+        return np.asarray(out, np.float32).reshape(-1)
 
     def swap(
         self,
         frame: np.ndarray,
         target: Face,
-        source: LatentFace,
+        source: SourceInput,
         clock: StageClock | None = None,
         settle_colour: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> bool:
@@ -253,7 +354,7 @@ class InswapperSwapper:
             if not (points.max(0) > 0).all() or not (points.min(0) < (w, h)).all():
                 return False  # all five points beyond one edge: no face in this frame
             crop, matrix = align_crop(frame, points, self.template, self.crop_size)
-            swapped = self.redraw(crop, source.latent)
+            swapped = self.redraw(crop, source.value)
 
         with clock.stage("blend"):
             alpha, skin = self.masks(crop, target, matrix)
@@ -261,19 +362,19 @@ class InswapperSwapper:
             region = paste_face(frame, coloured, matrix, alpha, self.options.blend)
         return region is not None
 
-    def redraw(self, crop: np.ndarray, latent: np.ndarray) -> np.ndarray:
+    def redraw(self, crop: np.ndarray, source: np.ndarray) -> np.ndarray:
         """The model's face for an aligned ``crop_size`` crop: one run at the model's size,
         or k x k runs on the crop's k-strided samplings, each written back to the pixels
         it came from."""
-        k = self.passes
+        k, convention = self.passes, self.convention
         swapped = np.empty_like(crop)
         for dy in range(k):
             for dx in range(k):
                 sample = np.ascontiguousarray(crop[dy::k, dx::k])
                 (raw,) = self.model.run(
-                    {"target": swapper_blob(sample), "source": latent}, [self.output_name]
+                    {"target": convention.blob(sample), "source": source}, [self.output_name]
                 )
-                face = image_from_output(np.asarray(raw, np.float32))
+                face = convention.image(raw)
                 if face.shape[:2] != sample.shape[:2]:
                     face = cv2.resize(face, sample.shape[1::-1], interpolation=cv2.INTER_AREA)
                 swapped[dy::k, dx::k] = face
