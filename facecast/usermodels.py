@@ -35,7 +35,9 @@ from facecast.swap.conventions import FAMILIES as SWAPPER_FAMILIES
 log = logging.getLogger(__name__)
 
 Kind = Literal["swapper", "recogniser", "detector", "enhancer", "converter"]
-IdentifiedBy = Literal["sha256", "signature"]
+# "signature+name": the signature gives the kind, the file's name the family (see
+# _swapper_family)
+IdentifiedBy = Literal["sha256", "signature", "signature+name"]
 Dim = int | str | None  # a static size, a named dynamic size, or an unnamed dynamic size
 
 # Each kind and the families facecast has adapters for. "gfpgan" stands for the 512x512 face
@@ -253,7 +255,13 @@ def identify(path: Path, file: str | None = None) -> FoundModel:
             found,
             reason=f"unknown sha256, and its signature matches no supported model ({SUPPORTED})",
         )
-    return replace(found, kind=match[0], family=match[1], identified_by="signature")
+    by_name = match_signature(inputs, outputs) != match  # without the name, another answer
+    return replace(
+        found,
+        kind=match[0],
+        family=match[1],
+        identified_by="signature+name" if by_name else "signature",
+    )
 
 
 # -- signatures
