@@ -28,9 +28,9 @@ from facecast import __version__
 from facecast.errors import FacecastError
 
 if TYPE_CHECKING:
-    from facecast.consent import ConsentRegistry
-    from facecast.provenance import SigningKey
-    from facecast.store import ClusterStore
+    from facecast.safety.consent import ConsentRegistry
+    from facecast.safety.provenance import SigningKey
+    from facecast.serve.store import ClusterStore
 
 try:  # Typer 0.2x carries its own copy of click; its usage errors are that copy's classes
     from typer._click import exceptions as click_errors
@@ -367,8 +367,8 @@ def parse_references(texts: list[str], source: Path) -> tuple[tuple[Path, Path],
 def check_consent(consent_dir: Path | None, photos: list[Path]) -> None:
     """``--require-consent``: every photo's face (a folder: each photo in it) is in the
     consent registry, else exit 2 naming the photo."""
-    from facecast.consent import ConsentRegistry
-    from facecast.profiles import default_state_dir
+    from facecast.safety.consent import ConsentRegistry
+    from facecast.serve.profiles import default_state_dir
     from facecast.swap.sources import source_photos
 
     try:
@@ -382,7 +382,7 @@ def sign_output(output: Path, signing: SigningKey) -> None:
     """The finished ``output``'s C2PA manifest, signed into a temporary copy that replaces
     it; said in words when the format cannot carry one or the signing fails (exit 2: the
     file itself is whole and kept)."""
-    from facecast.provenance import sign_file
+    from facecast.safety.provenance import sign_file
 
     try:
         signed = sign_file(output, signing)
@@ -417,12 +417,12 @@ def run_swap(
     ``c2pa``: the certificate chain and key that sign the output's C2PA manifest (neither:
     the local TEST key)."""
     from facecast.config import ModelSettings
+    from facecast.engine.pipeline import EngineOptions, Stopped, swap_file
     from facecast.faces.select import Selection
-    from facecast.live import _stop_on_signals
+    from facecast.live.pipeline import _stop_on_signals
     from facecast.media.sink import VideoQuality
-    from facecast.modelset import ModelChoice
-    from facecast.pipeline import EngineOptions, Stopped, swap_file
-    from facecast.provenance import load_signing_key
+    from facecast.models.choice import ModelChoice
+    from facecast.safety.provenance import load_signing_key
     from facecast.swap.mesh_swapper import SwapOptions
 
     try:
@@ -698,8 +698,8 @@ def stream(
     come from FACECAST_REFERENCES (a JSON list).
     """
     from facecast.config import StreamSettings
-    from facecast.live import run_stream
-    from facecast.modelset import ModelChoice
+    from facecast.live.pipeline import run_stream
+    from facecast.models.choice import ModelChoice
 
     flags = {
         "source_image": source[0] if source else None,
@@ -753,7 +753,7 @@ def stream(
         warn(ignored)
     from facecast.media import gst
     from facecast.media.live_sink import plan_output
-    from facecast.provenance import load_signing_key
+    from facecast.safety.provenance import load_signing_key
 
     assert settings.output is not None
     try:
@@ -798,7 +798,7 @@ def probe(
     """
     import json
 
-    from facecast.probe import LatencyProbe, load_probe_face
+    from facecast.live.probe import LatencyProbe, load_probe_face
 
     try:
         width, height = (int(v) for v in size.lower().split("x"))
@@ -842,7 +842,7 @@ def verify(
     """
     import json
 
-    from facecast.provenance import verify as find_marks
+    from facecast.safety.provenance import verify as find_marks
 
     if seconds <= 0:
         raise fail(f"--seconds {seconds:g}: must be positive")
@@ -977,9 +977,9 @@ def serve(
     import os
     import threading
 
-    from facecast.live import _stop_on_signals
-    from facecast.profiles import resolve_state_dir
-    from facecast.service import Service, load_profiles
+    from facecast.live.pipeline import _stop_on_signals
+    from facecast.serve.profiles import resolve_state_dir
+    from facecast.serve.service import Service, load_profiles
 
     token = os.environ.get("FACECAST_API_TOKEN") or None
     if role is not Role.all and not store:
@@ -995,7 +995,7 @@ def serve(
             "audit_log": audit_log,
         }
         if role is Role.worker:
-            from facecast.worker import Worker
+            from facecast.serve.worker import Worker
 
             assert cluster_store is not None
             worker = Worker(
@@ -1033,7 +1033,7 @@ def serve(
 
 def _open_store(url: str | None) -> ClusterStore:
     """The cluster's store, checked to answer now: a wrong URL fails at start, not later."""
-    from facecast.store import ClusterStore
+    from facecast.serve.store import ClusterStore
 
     store = ClusterStore(url or "")
     store.ping()
@@ -1077,8 +1077,8 @@ def _consent_registry(
     state_dir: Path | None, store: str | None
 ) -> tuple[ConsentRegistry, Path | None]:
     """(the registry, the state folder it is in; None in a store)."""
-    from facecast.consent import ConsentRegistry
-    from facecast.profiles import default_state_dir
+    from facecast.safety.consent import ConsentRegistry
+    from facecast.serve.profiles import default_state_dir
 
     if store:
         return ConsentRegistry.in_store(_open_store(store)), None
@@ -1090,7 +1090,7 @@ def _consent_audit(audit_log: Path | None, folder: Path | None, entry: dict[str,
     """A consent change in the audit log ``serve`` keeps, as the API's changes are."""
     import getpass
 
-    from facecast.audit import AUDIT_FILE, AuditLog
+    from facecast.safety.audit import AUDIT_FILE, AuditLog
 
     path = audit_log or (folder / AUDIT_FILE if folder is not None else None)
     if path is None:
@@ -1120,9 +1120,9 @@ def consent_add(
     photo's face descriptor and SHA-256, not the photo. A name already enrolled gets the
     photos added: several photos of a person make a miss less likely.
     """
-    from facecast.audit import image_sha256
-    from facecast.consent import check_name
     from facecast.media.image_io import read_image
+    from facecast.safety.audit import image_sha256
+    from facecast.safety.consent import check_name
 
     try:
         check_name(name)
@@ -1208,9 +1208,9 @@ def web(
     import threading
 
     from facecast.config import StreamSettings
-    from facecast.live import _stop_on_signals, engine_options
-    from facecast.web import WebServer
-    from facecast.webrtc import WebSessions
+    from facecast.live.pipeline import _stop_on_signals, engine_options
+    from facecast.serve.web import WebServer
+    from facecast.webrtc.page import WebSessions
 
     try:
         sessions = WebSessions(engine_options(StreamSettings()), limit=max_sessions)
@@ -1234,8 +1234,8 @@ def models(
     Checks presence and sha256 of the embedded models; with a models folder, also shows
     what each ONNX file there was recognised as.
     """
-    from facecast.models import REGISTRY
-    from facecast.models import check as check_model
+    from facecast.models.registry import REGISTRY
+    from facecast.models.registry import check as check_model
 
     table = Table("name", "file", "package", "licence", "input", "status")
     problems = []
@@ -1261,8 +1261,8 @@ def models(
 
 def _user_models(models_dir: Path | None) -> list[str]:
     """Print the models folder's ONNX files as recognised; the unrecognised ones."""
-    from facecast.usermodels import describe, scan
-    from facecast.usermodels import models_dir as resolve_dir
+    from facecast.models.user import describe, scan
+    from facecast.models.user import models_dir as resolve_dir
 
     folder = resolve_dir(models_dir)
     if folder is None:
@@ -1293,7 +1293,7 @@ def bench_swap(results: ResultsFlag = DEFAULT_RESULTS, update_docs: UpdateDocsFl
     Runs the sample clip and a 720p copy, beside a plain decode and encode of the same
     file (the limit).
     """
-    from facecast.bench import run_swap_bench
+    from facecast.bench.swap import run_swap_bench
 
     try:
         run_swap_bench(EXAMPLES, results, console, docs_for(update_docs))
@@ -1314,7 +1314,7 @@ def bench_live(
     Runs the pipeline and a serial loop at the input rate, flat out and at twice the
     sustainable rate, and measures glass to glass with the probe over loopback UDP.
     """
-    from facecast.bench_live import run_live_bench
+    from facecast.bench.live import run_live_bench
 
     try:
         run_live_bench(EXAMPLES, results, console, seconds, docs_for(update_docs))
@@ -1339,7 +1339,7 @@ def bench_capacity(
     by a private ingest server and real-time publishers, until the slowest stream drops
     under 15 fps. Takes minutes.
     """
-    from facecast.bench_capacity import run_capacity_bench
+    from facecast.bench.capacity import run_capacity_bench
 
     try:
         run_capacity_bench(EXAMPLES, results, console, seconds, max_streams, docs_for(update_docs))
@@ -1356,7 +1356,7 @@ def bench_faces(
     Reports the time saved and faces lost, and the temporal layer's cost: cuts, tracks,
     embeddings.
     """
-    from facecast.bench_faces import run_faces_bench
+    from facecast.bench.faces import run_faces_bench
 
     try:
         run_faces_bench(EXAMPLES, results, console, docs_for(update_docs))
@@ -1386,9 +1386,9 @@ def bench_models(
     ms per run (mean, p50, p90) and peak memory per model and provider; a provider that is
     not there falls back to the CPU and the row says so.
     """
-    from facecast.bench_models import run_models_bench
-    from facecast.onnx_runtime import PROVIDERS, available_providers, parse_providers
-    from facecast.usermodels import models_dir as resolve_models_dir
+    from facecast.bench.models import run_models_bench
+    from facecast.models.runtime import PROVIDERS, available_providers, parse_providers
+    from facecast.models.user import models_dir as resolve_models_dir
 
     try:
         folder = resolve_models_dir(models_dir)
@@ -1425,7 +1425,7 @@ def bench_quality(
     B's other photos by dlib and by a recogniser of another family, beside the textbook
     Delaunay swap, with expression errors and contact sheets.
     """
-    from facecast.quality.bench import run_quality_bench
+    from facecast.bench.quality.bench import run_quality_bench
 
     try:
         run_quality_bench(

@@ -67,7 +67,7 @@ class ModelSettings(BaseSettings):
     @field_validator("execution_providers", mode="before")
     @classmethod
     def _providers(cls, value: list[str] | str | None) -> list[str]:
-        from facecast.onnx_runtime import parse_providers
+        from facecast.models.runtime import parse_providers
 
         items = [value] if isinstance(value, str) else list(value or [])
         return list(parse_providers(items))

@@ -76,7 +76,7 @@ import av
 import numpy as np
 import pytest
 
-from facecast.ingest import IngestServer, free_ports
+from facecast.serve.ingest import IngestServer, free_ports
 
 FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
 FFPROBE = shutil.which("ffprobe") or "ffprobe"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from facecast.live import LivePipeline, RateController
+from facecast.engine.pipeline import SwapEngine
+from facecast.live.pipeline import LivePipeline, RateController
 from facecast.media.live_sink import StreamSink
 from facecast.media.live_source import StreamSource
-from facecast.pipeline import SwapEngine
 from tests import live_helpers
 from tests.live_helpers import wait_until
 from tests.throttle import RelayProcess

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from facecast.bench import update_docs
-from facecast.bench_capacity import (
+from facecast.bench.capacity import (
     capacity_table,
     max_streams_at,
     measure,
@@ -20,6 +19,7 @@ from facecast.bench_capacity import (
     rig,
     summary_lines,
 )
+from facecast.bench.swap import update_docs
 
 from .conftest import REPO
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facecast.bench_faces import faces_table, measure_faces, saving_pct
+from facecast.bench.faces import faces_table, measure_faces, saving_pct
 
 from .media_helpers import (
     _scaled,

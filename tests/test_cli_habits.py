@@ -17,7 +17,7 @@ import pytest
 import typer.main
 
 from facecast import __version__
-from facecast.bench import update_docs, write_results
+from facecast.bench.swap import update_docs, write_results
 from facecast.cli import app
 
 from .conftest import REPO
@@ -302,13 +302,13 @@ def test_bench_update_docs_outside_a_clone_is_refused(monkeypatch):
 def test_index_past_the_faces_is_logged_by_the_engine_now_and_then(media, caplog):
     """Streams and the web page have no summary line: the engine says it in the log, once a
     minute at most (a stream runs for hours)."""
+    from facecast.engine.pipeline import EngineOptions, SwapEngine
     from facecast.faces.select import Selection
     from facecast.media.image_io import read_image
-    from facecast.pipeline import EngineOptions, SwapEngine
 
     engine = SwapEngine(EngineOptions(selection=Selection.parse("index:3"), tiles=True))
     engine.load_source(read_image(media / "obama.jpg"))
-    with caplog.at_level("WARNING", logger="facecast.pipeline"):
+    with caplog.at_level("WARNING", logger="facecast.engine.pipeline"):
         for _ in range(3):
             engine.process(read_image(media / "two_people.jpg"))
     lines = [r.getMessage() for r in caplog.records if "chooses no face" in r.getMessage()]

@@ -14,13 +14,13 @@ import httpx
 import numpy as np
 import pytest
 
-from facecast.bench_handoff import RedisServer, output_back_after, start_worker, wait_ready
+from facecast.bench.handoff import RedisServer, output_back_after, start_worker, wait_ready
 from facecast.errors import FacecastError
-from facecast.ingest import free_ports
 from facecast.media.image_io import read_image
-from facecast.service import Service, load_profiles
-from facecast.store import ClusterStore
-from facecast.worker import Worker
+from facecast.serve.ingest import free_ports
+from facecast.serve.service import Service, load_profiles
+from facecast.serve.store import ClusterStore
+from facecast.serve.worker import Worker
 from tests import live_helpers
 from tests.live_helpers import (
     grab_frames,

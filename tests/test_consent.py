@@ -28,18 +28,18 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from fastapi.testclient import TestClient
 
-from facecast.audit import AuditLog, image_sha256, read_audit, token_id
-from facecast.bench_handoff import RedisServer
+from facecast.bench.handoff import RedisServer
 from facecast.config import StreamSettings
-from facecast.consent import ConsentRegistry
 from facecast.errors import FacecastError
-from facecast.ingest import free_port
 from facecast.media.image_io import decode_image_bytes
-from facecast.profiles import Profile
-from facecast.server import ThreadedServer
-from facecast.service import Service
-from facecast.store import ClusterStore
-from facecast.worker import Worker
+from facecast.safety.audit import AuditLog, image_sha256, read_audit, token_id
+from facecast.safety.consent import ConsentRegistry
+from facecast.serve.app import ThreadedServer
+from facecast.serve.ingest import free_port
+from facecast.serve.profiles import Profile
+from facecast.serve.service import Service
+from facecast.serve.store import ClusterStore
+from facecast.serve.worker import Worker
 
 from .conftest import MEDIA, REPO
 from .test_service import service_on_free_ports

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from facecast.config import ModelSettings, StreamSettings
-from facecast.server import METRICS_KEYS_ENV
+from facecast.serve.app import METRICS_KEYS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
@@ -1027,7 +1027,7 @@ def test_dockerignore_keeps_local_state_out(path: str) -> None:
         "pyproject.toml",
         "README.md",
         "facecast/cli.py",
-        "facecast/models.py",
+        "facecast/models/registry.py",
         "examples/obama.jpg",
     ],
 )

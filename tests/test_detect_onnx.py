@@ -25,7 +25,7 @@ from facecast.faces.detect_onnx import (
     scrfd_anchor_centres,
 )
 from facecast.faces.face import LEFT_EAR, LEFT_EYE, MOUTH, NOSE_TIP, RIGHT_EAR, RIGHT_EYE, Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel
+from facecast.models.runtime import ModelFileError, OnnxModel
 from tests.conftest import load
 from tests.onnx_helpers import constant_model, identity_model, save_model
 

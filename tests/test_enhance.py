@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from facecast.errors import FacecastError
 from facecast.faces.align import five_points
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel
+from facecast.models.runtime import ModelFileError, OnnxModel
 from facecast.swap.enhance import FaceEnhancer, framing_for
 
 from .conftest import load

@@ -108,9 +108,9 @@ def test_dlib_five_points_sit_on_the_face(analyser, embedder):
 def test_following_meshes_between_detections_keeps_the_face(tmp_path):
     """detect_every=3 (the video default) finds the moving face in every frame, with meshes
     as close to the detect-every-frame meshes as two detections are to each other."""
+    from facecast.engine.timing import StageClock
     from facecast.faces.analyse import FaceAnalyser
     from facecast.media.source import VideoFileSource
-    from facecast.timing import StageClock
 
     from .media_helpers import make_moving_face_video
 

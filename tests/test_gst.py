@@ -25,8 +25,8 @@ import pytest
 
 from facecast.errors import MediaError
 from facecast.faces.embed import face_distance
-from facecast.ingest import free_ports
 from facecast.media import gst
+from facecast.serve.ingest import free_ports
 from tests import live_helpers
 from tests.live_helpers import publish, stop_process, wait_until
 from tests.media_helpers import (

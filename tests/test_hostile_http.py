@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from facecast.ingest import free_ports
-from facecast.server import LOOPBACK, ThreadedServer
-from facecast.service import Service, load_profiles
+from facecast.serve.app import LOOPBACK, ThreadedServer
+from facecast.serve.ingest import free_ports
+from facecast.serve.service import Service, load_profiles
 
 from .conftest import MEDIA
 
@@ -292,8 +292,8 @@ def test_an_oversize_body_under_a_megabyte_says_its_limit():
     """The browser page's offer route takes 68 KB: its refusal said 'upload over 0 MB'."""
     from fastapi.testclient import TestClient
 
-    from facecast.web import create_web_app
-    from facecast.webrtc import WebSessions
+    from facecast.serve.web import create_web_app
+    from facecast.webrtc.page import WebSessions
 
     client = TestClient(create_web_app(None, WebSessions()))
     reply = client.post("/api/web/sessions", content=b"{" + b" " * 100_000 + b"}")

@@ -24,11 +24,11 @@ import av
 import numpy as np
 import pytest
 
-from facecast.live import LivePipeline, RateController
+from facecast.engine.pipeline import SwapEngine
+from facecast.live.pipeline import LivePipeline, RateController
 from facecast.media.frame import AudioChunk, Frame
 from facecast.media.live_sink import StreamSink, udp_send_queue
 from facecast.media.live_source import AudioParams, StreamSource, free_udp_port, redact
-from facecast.pipeline import SwapEngine
 from tests import live_helpers
 from tests.live_helpers import FFMPEG, process_log, publish, stop_process, wait_until
 

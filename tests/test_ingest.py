@@ -21,7 +21,7 @@ import av
 import pytest
 
 from facecast.errors import FacecastError
-from facecast.ingest import IngestError, IngestServer, free_port, free_ports, port_accepts
+from facecast.serve.ingest import IngestError, IngestServer, free_port, free_ports, port_accepts
 from tests import live_helpers
 from tests.conftest import MEDIA, REPO
 from tests.live_helpers import (

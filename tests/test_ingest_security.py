@@ -19,8 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from facecast.ingest import free_ports
-from facecast.service import Service, load_profiles
+from facecast.serve.ingest import free_ports
+from facecast.serve.service import Service, load_profiles
 from tests import live_helpers
 from tests.conftest import MEDIA
 from tests.live_helpers import probe, publish, stop_process, wait_for_stream, wait_until

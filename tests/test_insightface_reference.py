@@ -25,7 +25,7 @@ from insightface.utils import face_align
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.detect_onnx import ScrfdDetector
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
-from facecast.onnx_runtime import OnnxModel
+from facecast.models.runtime import OnnxModel
 from facecast.swap.learned import LearnedSwapper
 
 from . import test_inswapper

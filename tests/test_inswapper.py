@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from onnx import helper
 
+from facecast.engine.timing import StageClock
 from facecast.errors import FacecastError
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.recognise import ArcFaceRecogniser, Recogniser
 from facecast.faces.topology import mesh_topology
-from facecast.onnx_runtime import ModelFileError, OnnxModel
+from facecast.models.runtime import ModelFileError, OnnxModel
 from facecast.swap.learned import LearnedSwapper, paste_face
 from facecast.swap.mesh_swapper import SwapOptions
-from facecast.timing import StageClock
 
 from .conftest import load
 from .onnx_helpers import arcface_model, identity_model, inswapper_model, save_model

@@ -1,4 +1,4 @@
-"""The two quality judges (facecast/quality/judges.py) on real photos of real people.
+"""The two quality judges (facecast/bench/quality/judges.py) on real photos of real people.
 
 Measured on this set (tests/media: 7 people x 2 photos, plus obama/obama-720p, biden,
 alex-lacamoire, lin-manuel-miranda), largest face per photo:
@@ -34,15 +34,15 @@ import cv2
 import numpy as np
 import pytest
 
-from facecast.errors import FacecastError
-from facecast.media.image_io import read_image
-from facecast.quality.judges import (
+from facecast.bench.quality.judges import (
     TOOL_DIR,
     DlibJudge,
     FaceResJudge,
     Judge,
     JudgeError,
 )
+from facecast.errors import FacecastError
+from facecast.media.image_io import read_image
 
 PEOPLE = ("aniston", "damon", "dorsey", "jolie", "musk", "pichai", "zuckerberg")
 # other people's photos that every person is also compared against (obama is one person)

@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from facecast.live import LivePipeline, RateController
+from facecast.engine.pipeline import EngineOptions, SwapEngine
+from facecast.live.pipeline import LivePipeline, RateController
 from facecast.media.frame import AudioChunk, Frame
-from facecast.pipeline import EngineOptions, SwapEngine
 
 from .conftest import load
 

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from facecast.ingest import free_port
+from facecast.serve.ingest import free_port
 from tests import live_helpers
 from tests.live_helpers import (
     codecs,

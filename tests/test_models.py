@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from facecast import models
 from facecast.errors import ModelError
+from facecast.models import registry as models
 
 
 def test_every_registered_model_is_present_and_intact():

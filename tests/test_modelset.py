@@ -8,10 +8,10 @@ import logging
 import numpy as np
 import pytest
 
+from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.errors import FacecastError
-from facecast.modelset import ModelChoice
-from facecast.onnx_runtime import OnnxModel, RuntimeOptions
-from facecast.pipeline import EngineOptions, SwapEngine
+from facecast.models.choice import ModelChoice
+from facecast.models.runtime import OnnxModel, RuntimeOptions
 
 from .conftest import MEDIA, load
 from .onnx_helpers import arcface_model, inswapper_model
@@ -76,7 +76,7 @@ def test_two_engines_in_one_process_run_different_swappers(models_folder):
 
 def test_a_provider_that_is_missing_falls_back_with_one_log_line(models_folder, caplog):
     runtime = RuntimeOptions(providers=("tensorrt", "cuda", "cpu"), fp16=True)
-    with caplog.at_level(logging.WARNING, logger="facecast.onnx_runtime"):
+    with caplog.at_level(logging.WARNING, logger="facecast.models.runtime"):
         model = OnnxModel(models_folder / "w600k_r50.onnx", runtime)
     assert model.providers == ["CPUExecutionProvider"]
     lines = [r.getMessage() for r in caplog.records]

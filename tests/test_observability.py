@@ -27,10 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from facecast.config import ModelSettings, StreamSettings
-from facecast.ingest import IngestServer, free_port, free_ports
-from facecast.metrics import IngestCollector
-from facecast.server import ThreadedServer, create_app
-from facecast.streams import StreamManager
+from facecast.serve.app import ThreadedServer, create_app
+from facecast.serve.ingest import IngestServer, free_port, free_ports
+from facecast.serve.metrics import IngestCollector
+from facecast.serve.streams import StreamManager
 from tests.live_helpers import wait_until
 
 from .conftest import MEDIA, REPO

@@ -1,7 +1,7 @@
 import av
 import numpy as np
 
-from facecast.probe_pattern import draw_timestamp, read_timestamp
+from facecast.live.probe_pattern import draw_timestamp, read_timestamp
 
 from .conftest import load
 

@@ -41,7 +41,7 @@ from facecast.media.mark import (
     sei_text,
 )
 from facecast.media.sink import VideoFileSink
-from facecast.provenance import TEST_ORGANIZATION, scan_sei, sign_file
+from facecast.safety.provenance import TEST_ORGANIZATION, scan_sei, sign_file
 
 from . import live_helpers
 from .conftest import REPO

@@ -12,8 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from facecast.faces.analyse import FaceAnalyser
-from facecast.quality.bench import (
+from facecast.bench.quality.bench import (
     FacecastSwap,
     TextbookSwap,
     people_pairs,
@@ -23,8 +22,9 @@ from facecast.quality.bench import (
     video_flicker,
     write_sheets,
 )
-from facecast.quality.expression import expression_errors
-from facecast.quality.judges import available_judges
+from facecast.bench.quality.expression import expression_errors
+from facecast.bench.quality.judges import available_judges
+from facecast.faces.analyse import FaceAnalyser
 
 from .media_helpers import make_moving_face_video
 from .test_cli import facecast

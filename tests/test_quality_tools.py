@@ -1,5 +1,6 @@
 """The quality bench's two measuring tools on real photos: the textbook reference swap
-(facecast/quality/textbook.py) and expression/pose fidelity (facecast/quality/expression.py).
+(facecast/bench/quality/textbook.py) and expression/pose fidelity
+(facecast/bench/quality/expression.py).
 
 Thresholds sit between what was measured (printed with -s) and what a broken tool would
 give: each check compares a real change against the noise of re-measuring the same face.
@@ -11,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
+from facecast.bench.quality import expression as ex
+from facecast.bench.quality.textbook import TextbookSwapper, hull_mask
 from facecast.faces.embed import face_distance
 from facecast.faces.topology import mesh_topology
-from facecast.quality import expression as ex
-from facecast.quality.textbook import TextbookSwapper, hull_mask
 from tests.conftest import load
 
 

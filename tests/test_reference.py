@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
+from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.faces.select import Selection
 from facecast.media.image_io import read_image
-from facecast.pipeline import EngineOptions, SwapEngine
 from tests import test_track
 
 from .conftest import MEDIA

@@ -20,9 +20,9 @@ from starlette.requests import Request
 
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError
-from facecast.ingest import free_port
-from facecast.server import create_app, read_form
-from facecast.streams import StreamManager
+from facecast.serve.app import create_app, read_form
+from facecast.serve.ingest import free_port
+from facecast.serve.streams import StreamManager
 from tests import live_helpers
 from tests.live_helpers import publish, stop_process, wait_until
 
@@ -198,7 +198,7 @@ def test_readyz_follows_the_input(live_procs, manager, tmp_path):
 
 
 def test_without_a_token_the_server_binds_to_loopback(caplog):
-    from facecast.server import bind_host
+    from facecast.serve.app import bind_host
 
     assert bind_host("0.0.0.0", None) == "127.0.0.1"
     assert "FACECAST_API_TOKEN" in caplog.text

@@ -21,11 +21,11 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from facecast.errors import FacecastError
-from facecast.ingest import free_ports, port_accepts
-from facecast.live import build_pipeline
+from facecast.live.pipeline import build_pipeline
 from facecast.media.image_io import read_image
-from facecast.server import MAX_UPLOAD_BYTES
-from facecast.service import Service, load_profiles
+from facecast.serve.app import MAX_UPLOAD_BYTES
+from facecast.serve.ingest import free_ports, port_accepts
+from facecast.serve.service import Service, load_profiles
 from tests import live_helpers
 from tests.live_helpers import in_parallel, publish, stop_process, wait_for_stream, wait_until
 
@@ -752,7 +752,7 @@ def test_profile_and_reference_uploads_take_multipart_with_the_same_checks(api, 
 def test_the_default_state_folder_follows_xdg_and_an_unwritable_one_is_not_fatal(
     tmp_path, monkeypatch, caplog
 ):
-    from facecast.profiles import resolve_state_dir
+    from facecast.serve.profiles import resolve_state_dir
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert resolve_state_dir(None) == tmp_path / "xdg" / "facecast"

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from facecast.slots import Closed, DropOldestQueue, LatestSlot
+from facecast.live.slots import Closed, DropOldestQueue, LatestSlot
 
 
 def test_latest_slot_keeps_the_newest_and_counts_drops():

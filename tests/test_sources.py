@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
+from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.faces.analyse import FaceAnalyser
 from facecast.media.image_io import read_image, read_image_mark
-from facecast.pipeline import EngineOptions, SwapEngine
 from facecast.swap.sources import SWITCH_FRAMES, SourceSet, expression_vector, source_photos
 
 from .test_cli import assert_ok, assert_usage_error, swap
@@ -107,8 +107,8 @@ def test_an_empty_source_folder_exits_2(tmp_path, people):
 def test_a_profile_and_a_stream_take_a_folder_of_source_photos(tmp_path, people):
     from facecast.config import StreamSettings
     from facecast.errors import FacecastError
-    from facecast.live import build_pipeline
-    from facecast.profiles import load_profiles
+    from facecast.live.pipeline import build_pipeline
+    from facecast.serve.profiles import load_profiles
 
     from .media_helpers import make_moving_face_video
 

@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from facecast import usermodels
 from facecast.errors import FacecastError
 from facecast.faces.align import five_points, named_template
-from facecast.modelset import ModelChoice, load_models
+from facecast.models import user as usermodels
+from facecast.models.choice import ModelChoice, load_models
 from facecast.swap.conventions import convention_for
 from facecast.swap.learned import LearnedSwapper
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facecast.pipeline import EngineOptions, SwapEngine
+from facecast.engine.pipeline import EngineOptions, SwapEngine
 
 from .conftest import load
 from .media_helpers import _scaled, blurred_background, head_crop, paste_soft

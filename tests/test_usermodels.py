@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from facecast import usermodels
 from facecast.errors import FacecastError, ModelError
-from facecast.usermodels import describe, models_dir, require, scan
+from facecast.models import user as usermodels
+from facecast.models.user import describe, models_dir, require, scan
 
 from .conftest import REPO
 from .onnx_helpers import constant_model, identity_model, scaled_by_input_model

@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from facecast.ingest import free_port
-from facecast.web import WebServer
-from facecast.webrtc import WebSessions
+from facecast.serve.ingest import free_port
+from facecast.serve.web import WebServer
+from facecast.webrtc.page import WebSessions
 from tests.media_helpers import identity_distances, read_y4m, swaying_face_frames, write_y4m
 
 from .conftest import MEDIA, REPO, load
@@ -49,7 +49,7 @@ CHROMIUM_ARGS = [
     "--use-fake-device-for-media-stream",
     "--use-fake-ui-for-media-stream",
     # a machine whose only interface is loopback still connects (the server side offers
-    # 127.0.0.1 there too, see facecast/webrtc.py)
+    # 127.0.0.1 there too, see facecast/webrtc/page.py)
     "--allow-loopback-in-peer-connection",
 ]
 

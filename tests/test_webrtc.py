@@ -31,11 +31,11 @@ from aiortc import (
 )
 from av import VideoFrame
 
-from facecast.ingest import free_port
 from facecast.media.image_io import read_image
-from facecast.service import Service
-from facecast.web import WebServer
-from facecast.webrtc import WebSessions
+from facecast.serve.ingest import free_port
+from facecast.serve.service import Service
+from facecast.serve.web import WebServer
+from facecast.webrtc.page import WebSessions
 
 from .conftest import MEDIA, REPO
 from .media_helpers import _scaled, blurred_background, head_crop, identity_distances, paste_soft
@@ -249,7 +249,7 @@ def server_tasks(web: WebServer) -> list[str]:
             code = getattr(task.get_coro(), "cr_code", None)
             where = code.co_filename if code else ""
             if task.get_name().startswith("webrtc-") or any(
-                part in where for part in ("aiortc", "aioice", "facecast/webrtc.py")
+                part in where for part in ("aiortc", "aioice", "facecast/webrtc/page.py")
             ):
                 left.append(f"{task.get_name()} {code.co_qualname if code else ''}")
         return left

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from facecast.service import Service, load_profiles
+from facecast.serve.service import Service, load_profiles
 from tests import live_helpers
 from tests.live_helpers import publish, stop_process, wait_for_stream, wait_until
 

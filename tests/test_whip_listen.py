@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from facecast.errors import MediaError
-from facecast.ingest import free_ports
 from facecast.media.live_source import free_udp_port
-from facecast.whip_listen import parse_whip_listen
+from facecast.serve.ingest import free_ports
+from facecast.webrtc.listen import parse_whip_listen
 from tests import live_helpers
 from tests.live_helpers import stop_process, wait_until
 

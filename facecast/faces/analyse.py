@@ -6,10 +6,10 @@ from typing import Protocol
 
 import numpy as np
 
+from facecast.engine.timing import StageClock
 from facecast.faces.detect import FaceDetector
 from facecast.faces.face import Face
 from facecast.faces.landmarks import FaceMesh, roi_from_mesh
-from facecast.timing import StageClock
 
 
 def box_from_mesh(mesh: np.ndarray) -> np.ndarray:

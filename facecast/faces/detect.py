@@ -16,7 +16,7 @@ import numpy as np
 
 from facecast.faces.face import Face
 from facecast.faces.litert import TFLiteModel
-from facecast.models import model_path
+from facecast.models.registry import model_path
 
 DetectorName = Literal["short", "full", "auto"]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from facecast.faces.detect import iou
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim
+from facecast.models.runtime import ModelFileError, OnnxModel, fixed_dim
 
 Shape = Sequence[int | str | None]
 

@@ -13,7 +13,7 @@ import dlib
 import numpy as np
 
 from facecast.faces.face import Face
-from facecast.models import model_path
+from facecast.models.registry import model_path
 
 SAME_PERSON_DISTANCE = 0.6
 

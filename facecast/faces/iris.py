@@ -1,7 +1,7 @@
 """Iris centres from MediaPipe's iris model: where each eye looks.
 
 The 468-point mesh has no iris. MediaPipe's iris model (``iris_landmark.tflite``, the same
-wheel as the mesh, registered in facecast/models.py) is run the way MediaPipe's own iris
+wheel as the mesh, registered in facecast/models/registry.py) is run the way MediaPipe's own iris
 graph (``iris_landmark_left_and_right_from_face_landmarks_cpu.pbtxt``) runs it: a 64x64 crop
 rotated along the eye corners, 2.3x the corners' extent, the subject's left eye mirrored (the
 model only knows the right one). About 0.6 ms an eye on one CPU core.
@@ -20,7 +20,7 @@ import numpy as np
 from facecast.faces.expression import EYE_CORNERS, eye_frame
 from facecast.faces.landmarks import Roi
 from facecast.faces.litert import TFLiteModel
-from facecast.models import model_path
+from facecast.models.registry import model_path
 
 IRIS_INPUT = 64
 IRIS_ROI_SCALE = 2.3  # MediaPipe's iris graph: the crop is 2.3x the corners' extent

@@ -15,7 +15,7 @@ import numpy as np
 
 from facecast.faces.face import LEFT_EYE, RIGHT_EYE, Face
 from facecast.faces.litert import TFLiteModel
-from facecast.models import model_path
+from facecast.models.registry import model_path
 
 # Mesh indices of the outer eye corners (subject's right, subject's left): the rotation
 # reference when the ROI is built from a previous mesh.

@@ -18,7 +18,7 @@ import numpy as np
 
 from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
+from facecast.models.runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
 
 ARCFACE_SIZE = 112
 # Cosine distance (1 - cosine similarity) below which two ArcFace embeddings are taken as one

@@ -14,7 +14,7 @@ from itertools import combinations
 
 import numpy as np
 
-from facecast.models import model_path
+from facecast.models.registry import model_path
 
 
 def _edge_sets() -> dict[str, set[tuple[int, int]]]:

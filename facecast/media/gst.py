@@ -3,7 +3,7 @@
 ``GstSource("gst:DESCRIPTION")`` runs ``DESCRIPTION ! videoconvert ! video/x-raw,format=BGR !
 appsink`` and yields ``Frame``s; ``GstSink("gst:DESCRIPTION", ...)`` runs ``appsrc !
 DESCRIPTION`` and is fed ``Frame``s. Both have the surface of the PyAV classes
-(``facecast.live.Source`` / ``Sink``), so the pipeline does not know which backend runs.
+(``facecast.live.pipeline.Source`` / ``Sink``), so the pipeline does not know which backend runs.
 
 Input. facecast appends ``videoconvert ! video/x-raw,format=BGR`` itself: a description
 "ending in raw video" usually ends in a decoder's I420/NV12, and the face stages need BGR

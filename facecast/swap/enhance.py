@@ -27,7 +27,7 @@ from facecast.faces.align import (
     paste_back,
 )
 from facecast.faces.face import Face
-from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim
+from facecast.models.runtime import ModelFileError, OnnxModel, fixed_dim
 
 DEFAULT_SIZE = 512
 # CodeFormer's fidelity weight (0: strongest restoration, 1: closest to the input). 0.5 is

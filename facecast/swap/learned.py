@@ -36,11 +36,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facecast.engine.timing import StageClock
 from facecast.errors import FacecastError
 from facecast.faces.align import align_crop, five_points, named_template
 from facecast.faces.face import Face
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
-from facecast.onnx_runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
+from facecast.models.runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
 from facecast.swap import blend
 from facecast.swap.conventions import (
     FAMILIES,
@@ -50,7 +51,6 @@ from facecast.swap.conventions import (
     source_blob,
 )
 from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
-from facecast.timing import StageClock
 
 log = logging.getLogger(__name__)
 

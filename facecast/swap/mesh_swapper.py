@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from facecast.engine.timing import StageClock
 from facecast.errors import ModelError
 from facecast.faces.expression import EYE_CORNERS
 from facecast.faces.face import Face
@@ -28,7 +29,6 @@ from facecast.faces.topology import MeshTopology, mesh_topology
 from facecast.swap import blend
 from facecast.swap.shape import eye_opening, transfer_shape
 from facecast.swap.warp import rasterise_ids, remap, sample_maps, triangle_affines
-from facecast.timing import StageClock
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""`facecast bench ...`: swap, live, capacity, faces, models, webrtc, handoff, quality."""

@@ -1,0 +1,1 @@
+"""The engine: one swap per frame (SwapEngine), the file runners, stage timing."""

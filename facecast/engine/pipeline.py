@@ -1,0 +1,504 @@
+"""Wires the stages: frame → faces → swap → label.
+
+``SwapEngine`` is the per-frame work, shared by every mode; the file runners below feed it
+every frame in order (nothing dropped). Live modes reuse the same engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from facecast import __version__
+from facecast.engine.timing import StageClock
+from facecast.errors import MediaError, NoFaceError
+from facecast.faces.analyse import FaceAnalyser
+from facecast.faces.face import Face
+from facecast.faces.select import Selection
+from facecast.faces.temporal import TemporalFaces
+from facecast.media.frame import Frame
+from facecast.media.image_io import read_image, write_image
+from facecast.media.kind import detect_kind
+from facecast.media.mark import make_mark
+from facecast.media.overlay import draw_label
+from facecast.media.sink import VideoFileSink, VideoQuality
+from facecast.media.source import VideoFileSource
+from facecast.models.choice import ModelChoice, load_models
+from facecast.swap.mesh_swapper import SwapOptions
+from facecast.swap.sources import SourceSet, expression_vector, source_photos
+
+log = logging.getLogger(__name__)
+
+
+INDEX_WARNING_EVERY = 60.0  # seconds between "index:N chooses no face" log lines
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    selection: Selection = field(default_factory=Selection)
+    swap: SwapOptions = field(default_factory=SwapOptions)
+    label: bool = True
+    label_text: str = "AI-generated"
+    tiles: bool = False  # tiled detection: slower, finds small faces (used for still images)
+    detect_every: int = 1  # video: detect every N frames, follow meshes in between
+    temporal: bool = False  # video: reset on cuts, track ids, smooth meshes (faces/temporal.py)
+    fps: float = 30.0  # the video's frame rate, for the smoothing's time base
+    # reference mode: the largest identity distance at which a face counts as a reference's
+    # person; None takes the recogniser's own (dlib 0.5 Euclidean, ArcFace 0.6 cosine)
+    reference_distance: float | None = None
+    # (reference photo, source photo) pairs: swap only these people, each with that face
+    references: tuple[tuple[Path, Path], ...] = ()
+    # which model does each job (embedded defaults, or the user's ONNX files)
+    models: ModelChoice = field(default_factory=ModelChoice)
+    # log "index:N chooses no face" now and then (streams, the web page); the file runners
+    # count such frames and report them once instead
+    log_index_misses: bool = True
+
+
+@dataclass
+class FrameResult:
+    faces: int = 0
+    chosen: int = 0  # faces the selection picked (all, largest, index:N, references)
+    swapped: int = 0
+
+
+@dataclass
+class RunStats:
+    """What a run did, frame by frame, for logs, metrics and the bench."""
+
+    frames: int = 0
+    frames_swapped: int = 0
+    frames_without_face: int = 0
+    # frames that showed faces of which the selection picked none (index:N past the count)
+    frames_none_chosen: int = 0
+    most_faces: int = 0  # the most faces seen in one frame, to say what index:N can be
+    faces_swapped: int = 0
+    clock: StageClock = field(default_factory=StageClock)
+
+    def count(self, result: FrameResult) -> None:
+        self.frames += 1
+        self.faces_swapped += result.swapped
+        self.most_faces = max(self.most_faces, result.faces)
+        if result.swapped:
+            self.frames_swapped += 1
+        elif result.faces == 0:
+            self.frames_without_face += 1
+        if result.faces and not result.chosen:
+            self.frames_none_chosen += 1
+
+
+class SwapEngine:
+    """The source face and the models, applied frame by frame. One per stream: it owns its
+    model sessions, so several engines can run in one process."""
+
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.models = load_models(self.options.models, self.options.swap)
+        self.analyser = FaceAnalyser(
+            tiles=self.options.tiles,
+            detect_every=self.options.detect_every,
+            detector=self.models.detector,
+        )
+        self.swapper = self.models.swapper
+        self.source: Any = None  # what swapper.prepare() made of the source photo
+        self.source_set: SourceSet | None = None  # several source photos, see load_sources
+        self._index_warned = -INDEX_WARNING_EVERY  # when index:N last chose no face (log)
+        self.temporal = TemporalFaces(self.options.fps) if self.options.temporal else None
+        self.last_faces: list[Face] = []
+        # reference mode: (the person to swap, the face they get), see add_reference()
+        self.references: list[tuple[np.ndarray, Any]] = []
+        self.last_swaps: list[tuple[Face, int | None]] = []  # (face, reference index)
+
+    def close(self) -> None:
+        """The stream or file is done: free what the models hold (see ``Models.release``)."""
+        self.models.release()
+
+    def photo_faces(self, image: np.ndarray) -> list[Face]:
+        """Faces in a still photo (a source or a reference), largest first."""
+        # A photo gets its own tiled analyser: small faces are found, the cost is paid once,
+        # and the stream analyser's frame-to-frame state is not disturbed.
+        return FaceAnalyser(tiles=True, detector=self.models.detector).analyse(image)
+
+    def load_source(self, image: np.ndarray, name: str = "source image") -> Any:
+        """Prepare the source face (the largest, if the photo shows several). Replaces a
+        set of several photos (``load_sources``), if there was one."""
+        self.source = self.swapper.prepare(image, self._source_face(image, name))
+        self.source_set = None
+        return self.source
+
+    def load_sources(self, photos: list[tuple[np.ndarray, str]]) -> None:
+        """Several photos of the source person: each target face gets the one nearest its
+        expression and pose (``swap/sources.py``). One photo is ``load_source``."""
+        if len(photos) == 1:
+            self.load_source(*photos[0])
+            return
+        prepared, vectors = [], []
+        for image, name in photos:
+            face = self._source_face(image, name)
+            if face.mesh is None:  # a detector without a mesh: no expression to compare
+                raise NoFaceError(f"{name}: no face mesh, so several sources cannot be used")
+            prepared.append(self.swapper.prepare(image, face))
+            vectors.append(expression_vector(face.mesh))
+        names = [name for _, name in photos]
+        self.source_set = SourceSet(prepared, np.array(vectors), names)
+        self.source = prepared[0]
+        log.info("%d source photos: each face gets the nearest in expression", len(photos))
+
+    def _source_face(self, image: np.ndarray, name: str) -> Face:
+        faces = self.photo_faces(image)
+        if not faces:
+            raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
+        if len(faces) > 1:
+            log.warning("%s shows %d faces; using the largest", name, len(faces))
+        return faces[0]
+
+    def _source_for(self, face: Face) -> Any:
+        if self.source_set is None or face.mesh is None:
+            return self.source
+        return self.source_set.pick(face.mesh, face.track_id)
+
+    def add_reference(
+        self, reference: np.ndarray, source: np.ndarray | None = None, name: str = "reference photo"
+    ) -> int:
+        """From now on only the person in ``reference`` is swapped, with the face in
+        ``source`` (None: the engine's source face, also after ``load_source`` changes it);
+        call again for more people (person A -> face X, person B -> face Y). Faces that
+        match no reference are left untouched. Video and live only: identity is decided
+        per track."""
+        faces = self.photo_faces(reference)
+        if not faces:
+            raise NoFaceError(f"no face found in {name}: use a photo with one clearly visible face")
+        recogniser = self.models.recogniser
+        embedding = recogniser.embed(reference, faces[0])
+        own_face = None
+        if source is not None:
+            source_faces = self.photo_faces(source)
+            if not source_faces:
+                raise NoFaceError(f"no face found in the source for {name}")
+            own_face = self.swapper.prepare(source, source_faces[0])
+        elif self.source is None:
+            raise RuntimeError("load_source() before a reference without its own face")
+        self.references.append((embedding, own_face))
+        if self.temporal is None or self.temporal.embed is None:
+            self.temporal = TemporalFaces(self.options.fps, recogniser=recogniser)
+        self.source = self.source or own_face
+        return len(self.references) - 1
+
+    def process(
+        self, image: np.ndarray, clock: StageClock | None = None, seconds: float | None = None
+    ) -> FrameResult:
+        """Swap the selected faces of ``image`` in place and label it. ``seconds``: the
+        frame's timestamp, the time base of the smoothing (else frames count at ``fps``)."""
+        if self.source is None:
+            raise RuntimeError("load_source() or add_reference() first")
+        clock = clock or StageClock()
+        if self.temporal is not None and self.temporal.begin(image):
+            self.analyser.reset()  # a new shot: nothing to follow from the last one
+        faces = self.analyser.analyse(image, clock)
+        if self.temporal is not None:
+            with clock.stage("track"):
+                faces = self.temporal.settle(image, faces, seconds)
+        self.last_faces = faces
+        if self.source_set is not None:
+            self.source_set.forget({f.track_id for f in faces if f.track_id is not None})
+        chosen = self._chosen(image, faces, clock)
+        if (
+            faces
+            and not chosen
+            and self.options.selection.mode == "index"
+            and self.options.log_index_misses
+        ):
+            self._warn_index_missed(len(faces))
+        result = FrameResult(faces=len(faces), chosen=len(chosen))
+        self.last_swaps = []
+        for face, ref in chosen:
+            own_face = None if ref is None else self.references[ref][1]
+            source = own_face or self._source_for(face)
+            colour = self.temporal.colour_settler(face) if self.temporal is not None else None
+            swapped = self.swapper.swap(image, face, source, clock, colour)
+            result.swapped += swapped
+            if swapped:
+                self.last_swaps.append((face, ref))
+                if self.models.enhancer is not None:
+                    with clock.stage("enhance"):
+                        self.models.enhancer.enhance(image, face)
+        if self.options.label:
+            with clock.stage("label"):
+                draw_label(image, self.options.label_text)
+        return result
+
+    def _warn_index_missed(self, count: int) -> None:
+        """``index:N`` past the faces in view: said in the log (at most every
+        ``INDEX_WARNING_EVERY`` seconds, a stream may run for hours), never silently."""
+        now = time.monotonic()
+        if now - self._index_warned < INDEX_WARNING_EVERY:
+            return
+        self._index_warned = now
+        log.warning(
+            "--faces %s chooses no face: %d in view (index:0 to index:%d)",
+            self.options.selection,
+            count,
+            count - 1,
+        )
+
+    def _chosen(
+        self, image: np.ndarray, faces: list[Face], clock: StageClock
+    ) -> list[tuple[Face, int | None]]:
+        """The faces to swap, each with its reference (None: the one source face)."""
+        if not self.references:
+            order = self.temporal.order if self.temporal is not None else None
+            return [(face, None) for face in self.options.selection.choose(faces, order)]
+        assert self.temporal is not None
+        embeddings = [embedding for embedding, _ in self.references]
+        threshold = self.options.reference_distance
+        if threshold is None:
+            threshold = self.models.recogniser.same_person
+        chosen = []
+        with clock.stage("identify"):
+            for face in faces:
+                ref = self.temporal.identify(image, face, embeddings, threshold)
+                if ref is not None:
+                    chosen.append((face, ref))
+        return chosen
+
+
+def output_mark(source: Path | str | list[Path], options: EngineOptions) -> dict[str, str]:
+    """The machine-readable provenance written into every output file."""
+    names = [Path(p).name for p in source] if isinstance(source, list) else [Path(source).name]
+    return make_mark(
+        generator=f"facecast {__version__}",
+        source_face=", ".join(names),
+        swapper=options.models.swapper,
+        faces=str(options.selection),
+        visible_label=options.label,
+    )
+
+
+ProgressCallback = Callable[[int, int | None], None]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Frames in flight between file stages: enough to keep both cores busy, small enough that
+# memory stays flat on long files (a 4K frame is 25 MB).
+FILE_QUEUE_DEPTH = 6
+# Video files: detection every few frames, meshes followed in between (see FaceAnalyser).
+FILE_DETECT_EVERY = 3
+
+
+class Stopped(Exception):
+    """The run was asked to stop (its ``stop`` event, set by SIGINT/SIGTERM) before the
+    output was complete; nothing was written."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped
+
+
+def swap_file(
+    source: Path | list[Path],
+    target: Path,
+    output: Path,
+    options: EngineOptions | None = None,
+    progress: ProgressCallback | None = None,
+    quality: VideoQuality | None = None,
+    stop: threading.Event | None = None,
+) -> RunStats:
+    """Swap ``source``'s face into an image or a video file (chosen by content). Several
+    source photos (or a folder of them) are several photos of one person: each face gets the
+    one nearest its expression.
+    ``quality``: how a video output is encoded (images ignore it). ``stop``: once set, the
+    run ends within a frame with ``Stopped`` and leaves no output, not even a partial one."""
+    options = options or EngineOptions()
+    if not output.parent.is_dir():
+        raise MediaError(f"{output}: cannot write there, folder {output.parent} does not exist")
+    if same_file(target, output):
+        raise MediaError(f"{output}: that is the target itself; write the result elsewhere")
+    kind = detect_kind(target)
+    log.debug("%s: %s target; models %s", target, kind, options.models.describe())
+    if kind == "image":
+        stats = swap_image_file(source, target, output, options, stop)
+    else:
+        stats = swap_video_file(source, target, output, options, progress, quality, stop)
+    clock = stats.clock
+    log.debug(
+        "ms per call: %s",
+        ", ".join(f"{name} {clock.mean_ms(name):.1f}" for name in sorted(clock.calls)),
+    )
+    return stats
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and relative spellings included)."""
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()
+
+
+def _engine_for(source: Path | list[Path], options: EngineOptions) -> SwapEngine:
+    engine = SwapEngine(options)
+    photos = source_photos(source if isinstance(source, list) else [source])
+    engine.load_sources([(read_image(photo), str(photo)) for photo in photos])
+    for reference, face in options.references:
+        engine.add_reference(read_image(reference), read_image(face), name=str(reference))
+    return engine
+
+
+def swap_image_file(
+    source: Path | list[Path],
+    target: Path,
+    output: Path,
+    options: EngineOptions,
+    stop: threading.Event | None = None,
+) -> RunStats:
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise MediaError(f"{output}: an image target needs a .png or .jpg output")
+    engine = _engine_for(source, replace(options, tiles=True, log_index_misses=False))
+    image = read_image(target)
+    stats = RunStats()
+    stats.count(engine.process(image, stats.clock))
+    if stats.frames_none_chosen and options.selection.mode == "index":
+        # an image has one frame: writing it unchanged would hide the mistake
+        raise MediaError(
+            f"{target}: --faces {options.selection} chooses no face, the image shows "
+            f"{stats.most_faces} (index:0 to index:{stats.most_faces - 1}); nothing written"
+        )
+    _check(stop)
+    write_image(output, image, output_mark(source, options))
+    return stats
+
+
+class _Done:
+    """End-of-stream marker passed down the stage queues (with the error, if any)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def _reader(
+    items: Iterator[Frame | av.Packet],
+    out: queue.Queue,
+    clock: StageClock,
+    cancel: threading.Event,
+) -> None:
+    """Decode into ``out`` until the file ends or ``cancel`` is set (the run failed or
+    was stopped: the rest of the file is not decoded only to be thrown away)."""
+    try:
+        while not cancel.is_set():
+            start = time.perf_counter()
+            item = next(items, None)
+            if isinstance(item, Frame):
+                clock.add("decode", time.perf_counter() - start)
+            if item is None:
+                break
+            out.put(item)
+        out.put(_Done())
+    except BaseException as exc:  # handed to the main thread, which raises it
+        out.put(_Done(exc))
+
+
+def _writer(sink: VideoFileSink, inbox: queue.Queue, clock: StageClock, errors: list) -> None:
+    try:
+        while not isinstance(item := inbox.get(), _Done):
+            start = time.perf_counter()
+            if isinstance(item, Frame):
+                sink.write(item)
+                clock.add("encode", time.perf_counter() - start)
+            else:
+                sink.write_audio(item)
+    except BaseException as exc:
+        errors.append(exc)
+        while not isinstance(inbox.get(), _Done):  # unblock the producer
+            pass
+
+
+def swap_video_file(
+    source: Path | list[Path],
+    target: Path,
+    output: Path,
+    options: EngineOptions,
+    progress: ProgressCallback | None = None,
+    quality: VideoQuality | None = None,
+    stop: threading.Event | None = None,
+) -> RunStats:
+    """Every frame, in order, through decode ∥ analyse+swap ∥ encode on three threads joined
+    by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
+    packets travel the same queues untouched, so the sink muxes them in container order.
+    ``stop``: checked between frames; once set, ``Stopped`` and the output is discarded."""
+    detect_every = options.detect_every if options.detect_every > 1 else FILE_DETECT_EVERY
+    engine = _engine_for(
+        source,
+        replace(options, detect_every=detect_every, temporal=True, log_index_misses=False),
+    )
+    _check(stop)  # a stop while the models loaded: no output file is begun
+    stats = RunStats()
+    clock = stats.clock
+    started = time.perf_counter()
+    with VideoFileSource(target) as src:
+        if engine.temporal is not None:
+            engine.temporal.fps = float(src.fps)  # the smoothing's time base
+        total = src.frame_count or None
+        mark = output_mark(source, options)
+        with VideoFileSink.for_source(output, src, mark=mark, quality=quality) as sink:
+            decoded: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
+            to_encode: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
+            writer_errors: list[BaseException] = []
+            cancel = threading.Event()
+            reader = threading.Thread(
+                target=_reader,
+                args=(src.demux(), decoded, clock, cancel),
+                name="decode",
+                daemon=True,
+            )
+            writer = threading.Thread(
+                target=_writer,
+                args=(sink, to_encode, clock, writer_errors),
+                name="encode",
+                daemon=True,
+            )
+            reader.start()
+            writer.start()
+            error: BaseException | None = None
+            try:
+                while not isinstance(item := decoded.get(), _Done):
+                    _check(stop)
+                    if writer_errors:  # the output failed: stop now, not after the whole file
+                        raise writer_errors[0]
+                    if isinstance(item, Frame):
+                        stats.count(engine.process(item.image, clock, item.seconds))
+                        if progress:
+                            progress(stats.frames, total)
+                    to_encode.put(item)
+                error = item.error
+            except BaseException as exc:
+                error = exc
+                cancel.set()
+                # drain the reader so its thread can finish (and see ``cancel``)
+                while reader.is_alive() and not isinstance(decoded.get(), _Done):
+                    pass
+            finally:
+                to_encode.put(_Done())
+                writer.join()
+                reader.join()
+            error = error or (writer_errors[0] if writer_errors else None)
+            if error is not None:
+                raise error
+            if stats.frames == 0:
+                raise MediaError(f"{target}: no video frame could be decoded")
+            _check(stop)  # stopped after the last frame: still nothing is written
+    clock.add("wall", time.perf_counter() - started)
+    engine.close()
+    if stats.frames_without_face:
+        log.info(
+            "%d of %d frames had no face and passed through unchanged",
+            stats.frames_without_face,
+            stats.frames,
+        )
+    return stats
