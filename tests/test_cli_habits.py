@@ -290,7 +290,7 @@ def test_bench_writes_only_where_told(tmp_path, monkeypatch):
 
 
 def test_bench_update_docs_outside_a_clone_is_refused(monkeypatch):
-    from facecast import cli
+    from facecast.cli import bench as cli
 
     monkeypatch.setattr(cli, "REPO", Path("/nonexistent-clone"))
     with pytest.raises(typer.Exit) as caught:

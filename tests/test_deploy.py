@@ -1026,7 +1026,7 @@ def test_dockerignore_keeps_local_state_out(path: str) -> None:
         "deploy/nginx/nginx.conf.template",
         "pyproject.toml",
         "README.md",
-        "facecast/cli.py",
+        "facecast/cli/__init__.py",
         "facecast/models/registry.py",
         "examples/obama.jpg",
     ],

@@ -1,0 +1,3 @@
+from facecast.cli import main
+
+main()
