@@ -20,7 +20,8 @@ from facecast.faces.align import align_crop, arcface_template, five_points
 from facecast.faces.recognise import ArcFaceRecogniser, Recogniser
 from facecast.faces.topology import mesh_topology
 from facecast.models.runtime import ModelFileError, OnnxModel
-from facecast.swap.learned import LearnedSwapper, paste_face
+from facecast.swap.blend import paste_crop as paste_face
+from facecast.swap.learned import LearnedSwapper
 from facecast.swap.mesh_swapper import SwapOptions
 
 from .conftest import load

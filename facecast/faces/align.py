@@ -167,32 +167,3 @@ def align_crop(
         image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
     )
     return crop, matrix
-
-
-def paste_back(
-    frame: np.ndarray, crop: np.ndarray, matrix: np.ndarray, mask: np.ndarray
-) -> tuple[slice, slice] | None:
-    """Warp ``crop`` (made with ``matrix``) back into ``frame`` in place, through ``mask``
-    (crop-sized, 0..1). Only the face's bounding box is touched. Returns the region, or
-    None when it falls outside the frame."""
-    size = crop.shape[1], crop.shape[0]
-    inverse = cv2.invertAffineTransform(matrix)
-    corners = np.array([[0, 0], [size[0], 0], [0, size[1]], [size[0], size[1]]], np.float64)
-    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
-    h, w = frame.shape[:2]
-    x0, y0 = np.maximum(np.floor(mapped.min(0)).astype(int), 0)
-    x1, y1 = np.minimum(np.ceil(mapped.max(0)).astype(int) + 1, [w, h])
-    if x1 - x0 < 2 or y1 - y0 < 2:
-        return None
-    local = inverse.copy()
-    local[:, 2] -= (x0, y0)
-    region = (slice(y0, y1), slice(x0, x1))
-    out_size = (int(x1 - x0), int(y1 - y0))
-    face = cv2.warpAffine(crop, local, out_size, flags=cv2.INTER_LINEAR)
-    alpha = cv2.warpAffine(mask.astype(np.float32), local, out_size, flags=cv2.INTER_LINEAR)
-    alpha = np.clip(alpha, 0.0, 1.0)[:, :, None]
-    background = frame[region].astype(np.float32)
-    frame[region] = (face.astype(np.float32) * alpha + background * (1.0 - alpha) + 0.5).astype(
-        np.uint8
-    )
-    return region

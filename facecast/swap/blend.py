@@ -267,3 +267,47 @@ def component_medians(labels: np.ndarray, values: np.ndarray, count: int) -> np.
     present = counts > 0
     medians[present] = sorted_values[starts[present] + counts[present] // 2]
     return medians
+
+
+def paste_crop(
+    frame: np.ndarray,
+    crop: np.ndarray,
+    matrix: np.ndarray,
+    alpha: np.ndarray,
+    mode: BlendMode = "feather",
+    interpolation: int = cv2.INTER_CUBIC,
+) -> tuple[slice, slice] | None:
+    """Warp ``crop`` (made from ``frame`` with ``matrix``, ``faces.align.align_crop``) back
+    into ``frame`` in place, through ``alpha`` (crop-sized, 0..1): the learned swappers'
+    and the face restorers' way back. Only the frame box under alpha's non-zero part is
+    read and written, so the rest of the frame stays bit for bit. Returns that box, or None
+    when it falls outside the frame or is too small to blend."""
+    ys, xs = np.nonzero(alpha > 0)
+    if len(xs) == 0:
+        return None
+    inverse = cv2.invertAffineTransform(matrix)
+    # the footprint of alpha's support (pixel corners, one pixel of interpolation slack)
+    x_lo, x_hi, y_lo, y_hi = xs.min() - 1, xs.max() + 2, ys.min() - 1, ys.max() + 2
+    corners = np.array([[x_lo, y_lo], [x_hi, y_lo], [x_lo, y_hi], [x_hi, y_hi]], np.float64)
+    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
+    h, w = frame.shape[:2]
+    x0, y0 = np.maximum(np.floor(mapped.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(mapped.max(0)).astype(int) + 1, [w, h])
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return None
+    local = inverse.copy()
+    local[:, 2] -= (x0, y0)
+    size = (int(x1 - x0), int(y1 - y0))
+    # cubic by default: the crop is usually enlarged on the way back, and linear would soften
+    # it more
+    face = cv2.warpAffine(crop, local, size, flags=interpolation, borderMode=cv2.BORDER_REPLICATE)
+    weight = cv2.warpAffine(alpha.astype(np.float32), local, size, flags=cv2.INTER_LINEAR)
+    weight = np.clip(weight, 0.0, 1.0)
+    region = (slice(y0, y1), slice(x0, x1))
+    background = frame[region]
+    if mode == "poisson":
+        out = poisson_blend(face, background, weight)
+    else:
+        out = alpha_blend(face, background, weight)
+    frame[region] = out
+    return region

@@ -24,10 +24,10 @@ from facecast.faces.align import (
     ffhq_template,
     five_points,
     gpen_template,
-    paste_back,
 )
 from facecast.faces.face import Face
 from facecast.models.runtime import ModelFileError, OnnxModel, fixed_dim
+from facecast.swap.blend import paste_crop
 
 DEFAULT_SIZE = 512
 # CodeFormer's fidelity weight (0: strongest restoration, 1: closest to the input). 0.5 is
@@ -96,7 +96,9 @@ class FaceEnhancer:
             return False
         crop, matrix = align_crop(frame, points, self.template, self.size)
         restored = self.restore(crop)
-        return paste_back(frame, restored, matrix, self.mask) is not None
+        # linear: a restorer's crop is as large as the face or larger, nothing to enlarge
+        region = paste_crop(frame, restored, matrix, self.mask, interpolation=cv2.INTER_LINEAR)
+        return region is not None
 
     def restore(self, crop: np.ndarray) -> np.ndarray:
         """The model's restoration of an aligned BGR uint8 crop, as BGR uint8."""

@@ -97,47 +97,6 @@ def box_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
     return blend.feathered(face, BOX_FEATHER * size), box(SKIN_BOX).astype(np.float32) / 255.0
 
 
-def paste_face(
-    frame: np.ndarray,
-    crop: np.ndarray,
-    matrix: np.ndarray,
-    alpha: np.ndarray,
-    mode: blend.BlendMode = "feather",
-) -> tuple[slice, slice] | None:
-    """Warp ``crop`` (made from ``frame`` with ``matrix``) back into ``frame`` in place,
-    through ``alpha`` (crop-sized, 0..1). Only the frame box under alpha's non-zero part is
-    read and written, so the rest of the frame stays bit for bit. Returns that box, or None
-    when it falls outside the frame or is too small to blend."""
-    ys, xs = np.nonzero(alpha > 0)
-    if len(xs) == 0:
-        return None
-    inverse = cv2.invertAffineTransform(matrix)
-    # the footprint of alpha's support (pixel corners, one pixel of interpolation slack)
-    x_lo, x_hi, y_lo, y_hi = xs.min() - 1, xs.max() + 2, ys.min() - 1, ys.max() + 2
-    corners = np.array([[x_lo, y_lo], [x_hi, y_lo], [x_lo, y_hi], [x_hi, y_hi]], np.float64)
-    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
-    h, w = frame.shape[:2]
-    x0, y0 = np.maximum(np.floor(mapped.min(0)).astype(int), 0)
-    x1, y1 = np.minimum(np.ceil(mapped.max(0)).astype(int) + 1, [w, h])
-    if x1 - x0 < 8 or y1 - y0 < 8:
-        return None
-    local = inverse.copy()
-    local[:, 2] -= (x0, y0)
-    size = (int(x1 - x0), int(y1 - y0))
-    # cubic: the crop is usually enlarged on the way back, and linear would soften it more
-    face = cv2.warpAffine(crop, local, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
-    weight = cv2.warpAffine(alpha.astype(np.float32), local, size, flags=cv2.INTER_LINEAR)
-    weight = np.clip(weight, 0.0, 1.0)
-    region = (slice(y0, y1), slice(x0, x1))
-    background = frame[region]
-    if mode == "poisson":
-        out = blend.poisson_blend(face, background, weight)
-    else:
-        out = blend.alpha_blend(face, background, weight)
-    frame[region] = out
-    return region
-
-
 class LearnedSwapper:
     """A learned swapper: ``prepare`` once per source face, ``swap`` per target face."""
 
@@ -359,7 +318,7 @@ class LearnedSwapper:
         with clock.stage("blend"):
             alpha, skin = self.masks(crop, target, matrix)
             coloured = blend.transfer_colour(swapped, crop, skin, settle_stats=settle_colour)
-            region = paste_face(frame, coloured, matrix, alpha, self.options.blend)
+            region = blend.paste_crop(frame, coloured, matrix, alpha, self.options.blend)
         return region is not None
 
     def redraw(self, crop: np.ndarray, source: np.ndarray) -> np.ndarray:
