@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +13,7 @@ import typer
 from rich.console import Console
 
 from facecast import __version__
+from facecast.errors import FacecastError
 
 # Typer 0.2x carries its own copy of click; its usage errors are that copy's classes
 # (``main`` in facecast/cli/__init__.py catches them)
@@ -65,6 +68,15 @@ def in_words(exc: Exception) -> str:
 def fail(message: str) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code=2)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A FacecastError inside ends the command the usual way: one line, exit code 2."""
+    try:
+        yield
+    except FacecastError as exc:
+        raise fail(str(exc)) from None
 
 
 def warn(message: str) -> None:
@@ -124,3 +136,10 @@ def main_options(
     if level != "debug":
         for name in _CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def sub_app(name: str, help: str) -> typer.Typer:
+    """A command group (``facecast NAME ...``) on the app."""
+    group = typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)
+    app.add_typer(group, name=name)
+    return group

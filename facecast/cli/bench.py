@@ -10,22 +10,18 @@ import typer
 from facecast.cli.base import (
     EXAMPLES,
     REPO,
-    app,
     console,
     fail,
     in_words,
+    one_line_errors,
+    sub_app,
 )
 from facecast.cli.options import (
     ModelsDirFlag,
 )
 from facecast.errors import FacecastError
 
-bench_app = typer.Typer(
-    help="Speed benchmarks; JSON results go to --results.",
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
-app.add_typer(bench_app, name="bench")
+bench_app = sub_app("bench", "Speed benchmarks; JSON results go to --results.")
 
 
 ResultsFlag = Annotated[
@@ -58,10 +54,8 @@ def bench_swap(results: ResultsFlag = DEFAULT_RESULTS, update_docs: UpdateDocsFl
     """
     from facecast.bench.swap import run_swap_bench
 
-    try:
+    with one_line_errors():
         run_swap_bench(EXAMPLES, results, console, docs_for(update_docs))
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
 
 
 @bench_app.command("live")
@@ -79,10 +73,8 @@ def bench_live(
     """
     from facecast.bench.live import run_live_bench
 
-    try:
+    with one_line_errors():
         run_live_bench(EXAMPLES, results, console, seconds, docs_for(update_docs))
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
 
 
 @bench_app.command("capacity")
@@ -104,10 +96,8 @@ def bench_capacity(
     """
     from facecast.bench.capacity import run_capacity_bench
 
-    try:
+    with one_line_errors():
         run_capacity_bench(EXAMPLES, results, console, seconds, max_streams, docs_for(update_docs))
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
 
 
 @bench_app.command("faces")
@@ -121,10 +111,8 @@ def bench_faces(
     """
     from facecast.bench.faces import run_faces_bench
 
-    try:
+    with one_line_errors():
         run_faces_bench(EXAMPLES, results, console, docs_for(update_docs))
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
 
 
 @bench_app.command("models")
@@ -190,7 +178,7 @@ def bench_quality(
     """
     from facecast.bench.quality.bench import run_quality_bench
 
-    try:
+    with one_line_errors():
         run_quality_bench(
             REPO / "tests" / "media",
             EXAMPLES,
@@ -200,8 +188,6 @@ def bench_quality(
             video=video,
             pairs=pairs,
         )
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
 
 
 def docs_for(update_docs: bool) -> Path | None:

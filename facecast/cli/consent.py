@@ -16,54 +16,18 @@ if TYPE_CHECKING:
     from facecast.safety.consent import ConsentRegistry
 
 from facecast.cli.base import (
-    app,
     chatty,
     console,
     fail,
+    one_line_errors,
+    sub_app,
 )
+from facecast.cli.options import AuditLogFlag, StateDirFlag, StoreFlag
 from facecast.cli.serve import _open_store
 
-consent_app = typer.Typer(
-    help="The consent registry: people who agreed to their face being used.",
-    no_args_is_help=True,
-    rich_markup_mode=None,
+consent_app = sub_app(
+    "consent", "The consent registry: people who agreed to their face being used."
 )
-app.add_typer(consent_app, name="consent")
-
-
-ConsentStateFlag = Annotated[
-    Path | None,
-    typer.Option(
-        "--state-dir",
-        envvar="FACECAST_STATE_DIR",
-        metavar="DIR",
-        help="serve's state folder, which keeps the registry [default: $XDG_STATE_HOME/"
-        "facecast, else ~/.local/state/facecast; env FACECAST_STATE_DIR].",
-    ),
-]
-
-
-ConsentStoreFlag = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        envvar="FACECAST_STORE",
-        metavar="URL",
-        help="A cluster's Redis store: the registry is kept there instead [env FACECAST_STORE].",
-    ),
-]
-
-
-ConsentAuditFlag = Annotated[
-    Path | None,
-    typer.Option(
-        "--audit-log",
-        envvar="FACECAST_AUDIT_LOG",
-        metavar="FILE",
-        help="Where the change is logged [default: audit.log in the state folder; env "
-        "FACECAST_AUDIT_LOG].",
-    ),
-]
 
 
 def _consent_registry(
@@ -103,9 +67,9 @@ def consent_add(
         typer.Argument(metavar="PHOTO", hidden=True, show_default=False),
     ],
     name: Annotated[str, typer.Option("--name", metavar="NAME", help="Who they are, as listed.")],
-    state_dir: ConsentStateFlag = None,
-    store: ConsentStoreFlag = None,
-    audit_log: ConsentAuditFlag = None,
+    state_dir: StateDirFlag = None,
+    store: StoreFlag = None,
+    audit_log: AuditLogFlag = None,
 ) -> None:
     """Enrol a person who agreed to their face being used.
 
@@ -117,12 +81,10 @@ def consent_add(
     from facecast.safety.audit import image_sha256
     from facecast.safety.consent import check_name
 
-    try:
+    with one_line_errors():
         check_name(name)
         registry, folder = _consent_registry(state_dir, store)
         images = [(read_image(photo), str(photo)) for photo in photos]
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
     faces = [{"role": label, "sha256": image_sha256(image)} for image, label in images]
     entry: dict[str, object] = {"change": "consent_add", "person": name, "faces": faces}
     try:
@@ -142,13 +104,11 @@ def consent_add(
 
 
 @consent_app.command("list")
-def consent_list(state_dir: ConsentStateFlag = None, store: ConsentStoreFlag = None) -> None:
+def consent_list(state_dir: StateDirFlag = None, store: StoreFlag = None) -> None:
     """List the enrolled people: name, photos, when added."""
-    try:
+    with one_line_errors():
         registry, _ = _consent_registry(state_dir, store)
         people = registry.people()
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
     table = Table("name", "photos", "added", "sha256 of each photo (first 12)")
     for person in people:
         hashes = " ".join(photo["sha256"][:12] for photo in person["photos"])
@@ -163,9 +123,9 @@ def consent_remove(
     name: Annotated[
         str, typer.Argument(metavar="NAME", hidden=True, show_default=False)  # see add's
     ],
-    state_dir: ConsentStateFlag = None,
-    store: ConsentStoreFlag = None,
-    audit_log: ConsentAuditFlag = None,
+    state_dir: StateDirFlag = None,
+    store: StoreFlag = None,
+    audit_log: AuditLogFlag = None,
 ) -> None:
     """Remove a person: their face is refused from then on.
 
@@ -173,11 +133,9 @@ def consent_remove(
     are not changed; with --require-consent, serve refuses to start while a profile does.
     """
     entry: dict[str, object] = {"change": "consent_remove", "person": name, "faces": []}
-    try:
+    with one_line_errors():
         registry, folder = _consent_registry(state_dir, store)
         registry.remove(name)
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
     _consent_audit(
         audit_log, folder, {**entry, "allowed": True, "outcome": "allowed", "reason": None}
     )

@@ -23,6 +23,7 @@ from facecast.cli.base import (
     console,
     fail,
     in_words,
+    one_line_errors,
     warn,
 )
 from facecast.cli.options import (
@@ -63,11 +64,9 @@ def check_consent(consent_dir: Path | None, photos: list[Path]) -> None:
     from facecast.serve.profiles import default_state_dir
     from facecast.swap.sources import source_photos
 
-    try:
+    with one_line_errors():
         registry = ConsentRegistry.in_folder(consent_dir or default_state_dir())
         registry.check_photos(source_photos(photos), "--require-consent")
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
 
 
 def sign_output(output: Path, signing: SigningKey) -> None:
@@ -76,10 +75,8 @@ def sign_output(output: Path, signing: SigningKey) -> None:
     file itself is whole and kept)."""
     from facecast.safety.provenance import sign_file
 
-    try:
+    with one_line_errors():
         signed = sign_file(output, signing)
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
     if not signed:
         warn(
             f"{output}: C2PA cannot sign {output.suffix or 'this'} files (it signs .mp4, "

@@ -12,6 +12,7 @@ from facecast.cli.base import (
     app,
     fail,
     in_words,
+    one_line_errors,
     warn,
 )
 from facecast.cli.files import (
@@ -153,14 +154,12 @@ def stream(
     from facecast.safety.provenance import load_signing_key
 
     assert settings.output is not None
-    try:
+    with one_line_errors():
         # a file output is signed once whole (C2PA); a live one carries the SEI mark only
         plan = None if gst.is_gst(settings.output) else plan_output(settings.output)
         output_file = Path(plan.target) if plan is not None and plan.kind == "file" else None
         signing = load_signing_key(*engine.c2pa) if output_file else None
         run_stream(settings)
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
     if output_file is not None and signing is not None and output_file.is_file():
         sign_output(output_file, signing)
 
@@ -245,10 +244,8 @@ def verify(
         raise fail(f"--seconds {seconds:g}: must be positive")
     if keyframes < 0:
         raise fail(f"--keyframes {keyframes}: use 0 (all) or more")
-    try:
+    with one_line_errors():
         found = find_marks(target, seconds=seconds, keyframes=keyframes or None)
-    except FacecastError as exc:
-        raise fail(str(exc)) from None
     if as_json:
         print(json.dumps(found.as_json()))
     else:

@@ -19,6 +19,12 @@ from typing import Annotated, Any
 
 import typer
 
+
+def env_option(env: str, *names: str, **settings: Any) -> Any:
+    """An option also read from the environment variable ``env`` (the help shows it)."""
+    return typer.Option(*names, envvar=env, **settings)
+
+
 # Which model does each job: shared by swap and stream. None leaves the environment's
 # FACECAST_* value, or the embedded default.
 ModelsDirFlag = Annotated[
@@ -119,7 +125,38 @@ RequireConsentFlag = Annotated[
         "--require-consent",
         envvar="FACECAST_REQUIRE_CONSENT",
         help="Refuse a source face that matches no person in the consent registry "
-        "(facecast consent add) [env FACECAST_REQUIRE_CONSENT].",
+        "(facecast consent add); serve checks its profiles' faces too.",
+    ),
+]
+# serve's, and the consent commands': the state folder, the cluster's store, the audit log
+StateDirFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar="FACECAST_STATE_DIR",
+        metavar="DIR",
+        help="serve's state folder: the profile changes made through the API, laid over "
+        "--profiles at the next start, and the consent registry [default: "
+        "$XDG_STATE_HOME/facecast, else ~/.local/state/facecast].",
+    ),
+]
+StoreFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="FACECAST_STORE",
+        metavar="URL",
+        help="Redis URL of the cluster's store, e.g. redis://store:6379/0: needed by serve "
+        "--role ingest and worker; the consent registry is kept there instead.",
+    ),
+]
+AuditLogFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--audit-log",
+        envvar="FACECAST_AUDIT_LOG",
+        metavar="FILE",
+        help="JSON lines of every face change attempt [default: audit.log in the state folder].",
     ),
 ]
 
@@ -165,73 +202,51 @@ HostFlag = Annotated[
 ]
 
 
-def model_flags(
-    models_dir: Path | None,
-    detector: str | None,
-    recogniser: str | None,
-    swapper: str | None,
-    enhancer: str | None,
-    providers: list[str] | None,
-    fp16: bool | None,
-    memory: str | None,
-    swap_size: int | None = None,
-) -> dict[str, object]:
-    """The model flags that were given, as ModelSettings fields."""
-    given = {
-        "models_dir": models_dir,
-        "detector": detector,
-        "recogniser": recogniser,
-        "swapper": swapper,
-        "swap_size": swap_size,
-        "enhancer": enhancer,
-        "execution_providers": providers,
-        "fp16": fp16,
-        "memory_strategy": memory,
-    }
-    return {k: v for k, v in given.items() if v is not None}
-
-
 @dataclass(frozen=True)
 class EngineFlags:
     """The engine options of one command line (``engine_options``)."""
 
-    models: dict[str, object]  # the ModelSettings fields given (``model_flags``)
+    models: dict[str, object]  # the ModelSettings fields given (``MODEL_OPTIONS``)
     c2pa: tuple[Path | None, Path | None]  # certificate chain and key; neither: the TEST key
     require_consent: bool
     consent_dir: Path | None
 
 
-# (parameter, its Typer type, default), in the order --help lists them
-ENGINE_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
-    ("models_dir", ModelsDirFlag, None),
-    ("detector", DetectorFlag, None),
-    ("recogniser", RecogniserFlag, None),
-    ("swapper", SwapperFlag, None),
-    ("swap_size", SwapSizeFlag, None),
-    ("enhancer", EnhancerFlag, None),
-    ("execution_provider", ProvidersFlag, None),
-    ("fp16", Fp16Flag, None),
-    ("memory_strategy", MemoryFlag, None),
-    ("c2pa_cert", C2paCertFlag, None),
-    ("c2pa_key", C2paKeyFlag, None),
+# The options engine_options adds, in the order --help lists them. Which model does each
+# job: (option, its Typer type, the ModelSettings field it sets); None (not given) leaves
+# the environment's FACECAST_* value, or the embedded default.
+MODEL_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("models_dir", ModelsDirFlag, "models_dir"),
+    ("detector", DetectorFlag, "detector"),
+    ("recogniser", RecogniserFlag, "recogniser"),
+    ("swapper", SwapperFlag, "swapper"),
+    ("swap_size", SwapSizeFlag, "swap_size"),
+    ("enhancer", EnhancerFlag, "enhancer"),
+    ("execution_provider", ProvidersFlag, "execution_providers"),
+    ("fp16", Fp16Flag, "fp16"),
+    ("memory_strategy", MemoryFlag, "memory_strategy"),
+)
+# how a file output is signed, and whether source faces need consent: (option, type, default)
+SIGNING_OPTIONS = (("c2pa_cert", C2paCertFlag, None), ("c2pa_key", C2paKeyFlag, None))
+CONSENT_OPTIONS = (
     ("require_consent", RequireConsentFlag, False),
     ("consent_dir", ConsentDirFlag, None),
+)
+ENGINE_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    *((name, kind, None) for name, kind, _ in MODEL_OPTIONS),
+    *SIGNING_OPTIONS,
+    *CONSENT_OPTIONS,
 )
 
 
 def engine_flags(values: dict[str, Any]) -> EngineFlags:
+    """The options given (None: not given, so the environment or the default decides)."""
     return EngineFlags(
-        models=model_flags(
-            values["models_dir"],
-            values["detector"],
-            values["recogniser"],
-            values["swapper"],
-            values["enhancer"],
-            values["execution_provider"],
-            values["fp16"],
-            values["memory_strategy"],
-            values["swap_size"],
-        ),
+        models={
+            field: values[option]
+            for option, _, field in MODEL_OPTIONS
+            if values[option] is not None
+        },
         c2pa=(values["c2pa_cert"], values["c2pa_key"]),
         require_consent=bool(values["require_consent"]),
         consent_dir=values["consent_dir"],

@@ -20,7 +20,12 @@ from facecast.cli.base import (
     warn,
 )
 from facecast.cli.options import (
+    AuditLogFlag,
     HostFlag,
+    RequireConsentFlag,
+    StateDirFlag,
+    StoreFlag,
+    env_option,
 )
 
 
@@ -40,10 +45,10 @@ DEFAULT_CAPACITY = 2
 def serve(
     profiles: Annotated[
         Path | None,
-        typer.Option(
-            envvar="FACECAST_PROFILES",
+        env_option(
+            "FACECAST_PROFILES",
             metavar="YAML",
-            help="Stream key -> source face and options [env FACECAST_PROFILES].",
+            help="Stream key -> source face and options.",
         ),
     ] = None,
     host: HostFlag = "0.0.0.0",
@@ -52,16 +57,7 @@ def serve(
     hls_port: Annotated[
         int, typer.Option(metavar="PORT", help="HLS port of the ingest server.")
     ] = 8088,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="FACECAST_STATE_DIR",
-            metavar="DIR",
-            help="Where profile changes made through the API are kept across restarts, "
-            "laid over --profiles [default: $XDG_STATE_HOME/facecast, else "
-            "~/.local/state/facecast; env FACECAST_STATE_DIR].",
-        ),
-    ] = None,
+    state_dir: StateDirFlag = None,
     viewer_auth: Annotated[
         bool | None,
         typer.Option(
@@ -72,25 +68,17 @@ def serve(
     ] = None,
     role: Annotated[
         Role,
-        typer.Option(
-            envvar="FACECAST_ROLE",
+        env_option(
+            "FACECAST_ROLE",
             help="all: one box does everything; ingest: nginx and the API, streams go to "
             "workers; worker: runs the streams the store assigns it.",
         ),
     ] = Role.all,
-    store: Annotated[
-        str | None,
-        typer.Option(
-            envvar="FACECAST_STORE",
-            metavar="URL",
-            help="Redis URL of the cluster's store, e.g. redis://store:6379/0; needed by "
-            "ingest and worker.",
-        ),
-    ] = None,
+    store: StoreFlag = None,
     advertise: Annotated[
         str | None,
-        typer.Option(
-            envvar="FACECAST_ADVERTISE",
+        env_option(
+            "FACECAST_ADVERTISE",
             metavar="HOST",
             help="Ingest: the host name workers reach its RTMP port at [default: this "
             "machine's name].",
@@ -98,50 +86,33 @@ def serve(
     ] = None,
     capacity: Annotated[
         int,
-        typer.Option(
-            envvar="FACECAST_CAPACITY",
+        env_option(
+            "FACECAST_CAPACITY",
             metavar="N",
             min=1,
             help="Worker: the most streams it runs at once.",
         ),
     ] = DEFAULT_CAPACITY,
-    require_consent: Annotated[
-        bool,
-        typer.Option(
-            "--require-consent",
-            envvar="FACECAST_REQUIRE_CONSENT",
-            help="Accept a source face only if it matches a person in the consent "
-            "registry (facecast consent add), profiles included [env "
-            "FACECAST_REQUIRE_CONSENT].",
-        ),
-    ] = False,
+    require_consent: RequireConsentFlag = False,
     moderation_url: Annotated[
         str | None,
-        typer.Option(
-            envvar="FACECAST_MODERATION_URL",
+        env_option(
+            "FACECAST_MODERATION_URL",
             metavar="URL",
             help="Webhook that allows or denies each new source face or reference; an "
-            "error or no answer denies [env FACECAST_MODERATION_URL].",
+            "error or no answer denies.",
         ),
     ] = None,
     moderation_timeout: Annotated[
         float,
-        typer.Option(
-            envvar="FACECAST_MODERATION_TIMEOUT",
+        env_option(
+            "FACECAST_MODERATION_TIMEOUT",
             metavar="SECONDS",
             min=0.1,
-            help="How long the webhook has to answer [env FACECAST_MODERATION_TIMEOUT].",
+            help="How long the webhook has to answer.",
         ),
     ] = 5.0,
-    audit_log: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="FACECAST_AUDIT_LOG",
-            metavar="FILE",
-            help="JSON lines of every face change attempt [default: audit.log in the "
-            "state folder; env FACECAST_AUDIT_LOG].",
-        ),
-    ] = None,
+    audit_log: AuditLogFlag = None,
 ) -> None:
     """Service mode: ingest server, HTTP API and one pipeline per key.
 
