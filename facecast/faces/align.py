@@ -157,13 +157,21 @@ def five_points(face: Face) -> np.ndarray:
     )
 
 
+def square_crop(
+    image: np.ndarray, matrix: np.ndarray, size: int, interpolation: int = cv2.INTER_LINEAR
+) -> np.ndarray:
+    """The ``size`` x ``size`` crop ``matrix`` (2x3, image to crop) makes of ``image``, its
+    edges continued past the image's (a face at the frame's edge keeps a plausible rim, not
+    black): every model crop (detection ROI, mesh, iris, alignment) and the swap's texture."""
+    return cv2.warpAffine(
+        image, matrix, (size, size), flags=interpolation, borderMode=cv2.BORDER_REPLICATE
+    )
+
+
 def align_crop(
     image: np.ndarray, points: np.ndarray, template: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``size`` x ``size`` crop with ``points`` on ``template``, and the 2x3 matrix from
     image to crop (invert it with ``cv2.invertAffineTransform`` to go back)."""
     matrix = similarity_transform(points, template)
-    crop = cv2.warpAffine(
-        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-    )
-    return crop, matrix
+    return square_crop(image, matrix, size), matrix

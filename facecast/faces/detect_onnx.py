@@ -133,8 +133,18 @@ class OnnxFaceDetector:
     canvas becomes a tensor and how the outputs become boxes, points and scores."""
 
     family = "onnx"
+    expected_outputs = "outputs"  # in words, for the error when ``outputs_fit`` says no
+
+    @staticmethod
+    def outputs_fit(outputs: list[tuple[str, list]]) -> bool:
+        return True
 
     def __init__(self, model: OnnxModel, min_score: float = 0.5, nms_iou: float = 0.4) -> None:
+        if not self.outputs_fit(model.outputs):
+            raise ModelFileError(
+                f"{model.path.name}: a {self.family} detector has {self.expected_outputs}; "
+                f"this model has {describe(model)}"
+            )
         self.model = model
         self.min_score = min_score
         self.nms_iou = nms_iou
@@ -266,13 +276,13 @@ class RetinaFaceDetector(OnnxFaceDetector):
     [1, N, 10], matched by their last dimension; BGR minus the mean as input."""
 
     family = "RetinaFace"
+    expected_outputs = "3 outputs, loc [1, N, 4], conf [1, N, 2] and landms [1, N, 10]"
+
+    @staticmethod
+    def outputs_fit(outputs: list[tuple[str, list]]) -> bool:
+        return retinaface_signature(outputs)  # defined below, with the other signatures
 
     def __init__(self, model: OnnxModel, min_score: float = 0.5, nms_iou: float = 0.4) -> None:
-        if not retinaface_signature(model.outputs):
-            raise ModelFileError(
-                f"{model.path.name}: a RetinaFace detector has 3 outputs, loc [1, N, 4], "
-                f"conf [1, N, 2] and landms [1, N, 10]; this model has {describe(model)}"
-            )
         super().__init__(model, min_score, nms_iou)
         self.priors = retinaface_priors(self.width, self.height)
 
@@ -305,14 +315,11 @@ class YoloFaceDetector(OnnxFaceDetector):
     five (x, y, visibility) keypoints. A transposed [1, 8400, 20] export decodes as well."""
 
     family = "YOLO-face"
+    expected_outputs = "one output [1, 20, N]"
 
-    def __init__(self, model: OnnxModel, min_score: float = 0.5, nms_iou: float = 0.4) -> None:
-        if not yolo_signature(model.outputs):
-            raise ModelFileError(
-                f"{model.path.name}: a YOLO-face detector has one output [1, 20, N]; "
-                f"this model has {describe(model)}"
-            )
-        super().__init__(model, min_score, nms_iou)
+    @staticmethod
+    def outputs_fit(outputs: list[tuple[str, list]]) -> bool:
+        return yolo_signature(outputs)  # defined below, with the other signatures
 
     def prepare(self, canvas: np.ndarray) -> np.ndarray:
         rgb = canvas[:, :, ::-1].astype(np.float32) / 255.0

@@ -17,6 +17,7 @@ from functools import cache
 import cv2
 import numpy as np
 
+from facecast.faces.align import square_crop
 from facecast.faces.expression import EYE_CORNERS, eye_frame
 from facecast.faces.landmarks import Roi
 from facecast.faces.litert import TFLiteModel
@@ -52,13 +53,7 @@ def iris_centres(image: np.ndarray, mesh: np.ndarray) -> np.ndarray:
     centres = []
     for corners, mirror in zip(EYE_CORNERS, (False, True), strict=True):
         to_crop = _eye_crop(mesh, corners, mirror)
-        crop = cv2.warpAffine(
-            image,
-            to_crop,
-            (IRIS_INPUT, IRIS_INPUT),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
+        crop = square_crop(image, to_crop, IRIS_INPUT)
         tensor = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
         iris = next(o for o in model.run(tensor) if o.size == 15).reshape(5, 3)
         back = cv2.invertAffineTransform(to_crop)

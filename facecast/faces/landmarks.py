@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from facecast.faces.align import square_crop
 from facecast.faces.face import LEFT_EYE, RIGHT_EYE, Face
 from facecast.faces.litert import TFLiteModel
 from facecast.models.registry import model_path
@@ -85,9 +86,7 @@ class FaceMesh:
         """Mesh points (468, 3) in image pixels and the presence score for one ROI."""
         n = self.input_size
         to_crop = roi.to_crop(n)
-        crop = cv2.warpAffine(
-            image, to_crop, (n, n), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
+        crop = square_crop(image, to_crop, n)
         tensor = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
         raw, presence_logit = self.model.run(tensor)
         points = raw.reshape(-1, 3)

@@ -19,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
 
@@ -27,9 +26,9 @@ import numpy as np
 
 from facecast.config import StreamSettings
 from facecast.engine.pipeline import EngineOptions, SwapEngine
-from facecast.engine.timing import Histogram, StageClock
 from facecast.errors import FacecastError
 from facecast.live.slots import Closed, DropOldestQueue, LatestSlot
+from facecast.live.stats import LiveStats
 from facecast.media.frame import AudioChunk, Frame
 
 log = logging.getLogger(__name__)
@@ -64,34 +63,6 @@ class Sink(Protocol):
 
 
 SinkFactory = Callable[[int, int, float, Any], Sink]
-
-
-@dataclass
-class LiveStats:
-    """What the live pipeline did; read by the status log, the API and the benchmarks."""
-
-    frames_in: int = 0
-    frames_processed: int = 0
-    frames_out: int = 0
-    frames_held: int = 0  # holding frames sent while the input was down
-    frames_failed: int = 0  # frames whose processing raised: passed on unswapped
-    frames_rate_skipped: int = 0  # skipped to honour a stepped-down output rate
-    faces_swapped: int = 0
-    frames_swapped: int = 0
-    frames_passed: int = 0  # no face, or swapping disabled
-    rate_changes: int = 0
-    rate_level: float = 1.0
-    started: float = field(default_factory=time.monotonic)
-    faces_last: int = 0  # faces found in the last processed frame
-    # seconds from decode (Frame.t_ingest) to the encoded frame handed to the output
-    latency: deque = field(default_factory=lambda: deque(maxlen=2000))
-    latency_histogram: Histogram = field(default_factory=Histogram)
-    clock: StageClock = field(default_factory=StageClock)
-
-    def latency_ms(self, percentile: float) -> float:
-        if not self.latency:
-            return float("nan")
-        return 1000.0 * float(np.percentile(np.fromiter(self.latency, float), percentile))
 
 
 class RateController:
@@ -475,21 +446,13 @@ def build_pipeline(
     lossless = not (source.live or settings.realtime)
 
     def open_sink(width: int, height: int, fps: float, audio: Any) -> Sink:
-        if gst.is_gst(settings.output):
-            return gst.GstSink(
-                settings.output,  # type: ignore[arg-type]
-                width=width,
-                height=height,
-                fps=fps,
-                audio=audio,
-                bitrate=settings.bitrate,
-            )
+        output: str = settings.output  # type: ignore[assignment]
+        stream = {"width": width, "height": height, "fps": fps, "audio": audio}
+        if gst.is_gst(output):
+            return gst.GstSink(output, **stream, bitrate=settings.bitrate)
         return StreamSink(
-            settings.output,  # type: ignore[arg-type]
-            width=width,
-            height=height,
-            fps=fps,
-            audio=audio,
+            output,
+            **stream,
             preset=settings.preset,
             keyint=settings.keyint,
             bitrate=settings.bitrate,

@@ -21,6 +21,7 @@ import numpy as np
 
 from facecast.engine.timing import StageClock
 from facecast.errors import ModelError
+from facecast.faces.align import square_crop
 from facecast.faces.expression import EYE_CORNERS
 from facecast.faces.face import Face
 from facecast.faces.iris import GazeReader, gaze_in_eyes, irises_at
@@ -195,13 +196,7 @@ class MeshSwapper:
         roi: Roi = roi_from_mesh(face.mesh)
         roi = Roi(roi.cx, roi.cy, roi.size * 0.95, roi.angle)
         to_texture = roi.to_crop(TEXTURE_SIZE)
-        texture = cv2.warpAffine(
-            image,
-            to_texture,
-            (TEXTURE_SIZE, TEXTURE_SIZE),
-            flags=cv2.INTER_CUBIC,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
+        texture = square_crop(image, to_texture, TEXTURE_SIZE, cv2.INTER_CUBIC)
         points = (face.mesh[:, :2] @ to_texture[:, :2].T + to_texture[:, 2]).astype(np.float32)
         irises = self.read_irises(image, face.mesh)
         if irises is not None:

@@ -20,7 +20,6 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,9 +44,9 @@ from aiortc.mediastreams import (
 from av import VideoFrame
 
 from facecast.engine.pipeline import EngineOptions, SwapEngine
-from facecast.engine.timing import StageClock
 from facecast.errors import FacecastError
 from facecast.live.slots import Closed, LatestSlot
+from facecast.live.stats import SessionStats
 from facecast.media.image_io import read_image
 
 
@@ -74,8 +73,6 @@ IDLE_TIMEOUT = 10.0  # seconds without a camera frame before a session is closed
 REPEAT_AFTER = 0.5  # seconds without a new swapped frame before the last one is sent again
 CLOSE_TIMEOUT = 5.0  # for each step of closing a session
 NEGOTIATE_TIMEOUT = 15.0  # reading the offer and gathering our candidates (STUN may be slow)
-FPS_WINDOW = 2.0  # seconds of sent frames the fps figure is measured over
-LATENCY_SAMPLES = 150  # the latency percentiles cover about the last 5 s at 30 fps
 MAX_SDP = 64 * 1024
 SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -182,63 +179,26 @@ class SwappedTrack(VideoStreamTrack):
 # ---------------------------------------------------------------------------- one session
 
 
-@dataclass
-class SessionStats:
-    """Counters for the stats route. Each is written by one thread (reader task, worker or
-    sender) and read without a lock: a reading may be a frame behind, never inconsistent."""
-
-    frames_in: int = 0
-    frames_processed: int = 0
-    frames_out: int = 0
-    frames_failed: int = 0  # processing raised: sent on unswapped
-    faces_last: int = 0
-    started: float = field(default_factory=time.monotonic)
-    latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
-    sent_times: deque[float] = field(default_factory=lambda: deque(maxlen=600))
-    clock: StageClock = field(default_factory=StageClock)
-
-    def sent(self, now: float, latency: float) -> None:
-        self.frames_out += 1
-        self.sent_times.append(now)
-        self.latency.append(latency)
-
-    def fps(self, now: float) -> float:
-        """Frames sent per second over the last ``FPS_WINDOW`` s (less at the start)."""
-        window = min(FPS_WINDOW, max(now - self.started, 1e-3))
-        recent = sum(1 for t in list(self.sent_times) if now - t <= window)
-        return recent / window
-
-    def latency_ms(self, percentile: float) -> float | None:
-        samples = list(self.latency)
-        if not samples:
-            return None
-        return round(1000.0 * float(np.percentile(samples, percentile)), 1)
-
-
+@dataclass(eq=False)
 class WebSession:
-    """One browser: its peer connection, its engine and worker thread, its stats."""
+    """One browser: its peer connection, its engine and worker thread, its stats. Made on
+    the event loop (its outbox hands frames to it)."""
 
-    def __init__(
-        self,
-        session_id: str,
-        pc: RTCPeerConnection,
-        engine: SwapEngine,
-        face: str | None,
-        idle_timeout: float,
-    ) -> None:
-        self.id = session_id
-        self.pc = pc
-        self.engine = engine
-        self.face = face
-        self.swapping = True
-        self.idle_timeout = idle_timeout
-        self.stats = SessionStats()
-        self.inbox: LatestSlot[tuple[VideoFrame, float]] = LatestSlot()
+    id: str
+    pc: RTCPeerConnection
+    engine: SwapEngine
+    face: str | None
+    idle_timeout: float
+    swapping: bool = True
+    stats: SessionStats = field(default_factory=SessionStats)
+    inbox: LatestSlot[tuple[VideoFrame, float]] = field(default_factory=LatestSlot)
+    reader: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
         self.outbox = Outbox(asyncio.get_running_loop())
         self.track = SwappedTrack(self)
         self._stop = threading.Event()
-        self.worker = threading.Thread(target=self._work, name=f"webrtc-{session_id}", daemon=True)
-        self.reader: asyncio.Task[None] | None = None
+        self.worker = threading.Thread(target=self._work, name=f"webrtc-{self.id}", daemon=True)
         self._closing: asyncio.Task[None] | None = None
 
     @property
