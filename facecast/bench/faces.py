@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facecast.bench.swap import machine, scaled_copy, update_docs, write_results
-from facecast.engine.pipeline import FILE_DETECT_EVERY
+from facecast.engine.files import FILE_DETECT_EVERY
 from facecast.engine.timing import StageClock
 from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.embed import FaceEmbedder

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from facecast import __version__
-from facecast.engine.pipeline import EngineOptions, swap_video_file
+from facecast.engine.files import swap_video_file
+from facecast.engine.pipeline import EngineOptions
 from facecast.errors import MediaError
 from facecast.media.sink import transcode
 from facecast.media.source import VideoFileSource

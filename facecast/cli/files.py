@@ -106,7 +106,8 @@ def run_swap(
     ``c2pa``: the certificate chain and key that sign the output's C2PA manifest (neither:
     the local TEST key)."""
     from facecast.config import ModelSettings
-    from facecast.engine.pipeline import EngineOptions, Stopped, swap_file
+    from facecast.engine.files import Stopped, swap_file
+    from facecast.engine.pipeline import EngineOptions
     from facecast.faces.select import Selection
     from facecast.live.pipeline import _stop_on_signals
     from facecast.media.sink import VideoQuality

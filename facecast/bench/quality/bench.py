@@ -356,7 +356,7 @@ def video_flicker(
     what moves). Aligned: the previous frame first moved onto the current one by the head's
     motion (a similarity transform fitted to the original's face meshes), so what is left is
     expression, lighting and, in the swap, flicker; its ratio is the one to watch."""
-    from facecast.engine.pipeline import swap_video_file
+    from facecast.engine.files import swap_video_file
     from facecast.media.scene import SceneCutDetector
     from facecast.media.source import VideoFileSource
 
