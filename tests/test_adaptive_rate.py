@@ -6,7 +6,8 @@ import threading
 import time
 
 from facecast.engine.pipeline import SwapEngine
-from facecast.live.pipeline import LivePipeline, RateController
+from facecast.live.pipeline import LivePipeline
+from facecast.live.rate import RateController
 from facecast.media.live_sink import StreamSink
 from facecast.media.live_source import StreamSource
 from tests import live_helpers

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from facecast.engine.pipeline import SwapEngine
-from facecast.live.pipeline import LivePipeline, RateController
+from facecast.live.pipeline import LivePipeline
+from facecast.live.rate import RateController
 from facecast.media.frame import AudioChunk, Frame
 from facecast.media.live_sink import StreamSink, udp_send_queue
 from facecast.media.live_source import AudioParams, StreamSource, free_udp_port, redact

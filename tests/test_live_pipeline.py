@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from facecast.engine.pipeline import EngineOptions, SwapEngine
-from facecast.live.pipeline import LivePipeline, RateController
+from facecast.live.pipeline import LivePipeline
+from facecast.live.rate import RateController
 from facecast.media.frame import AudioChunk, Frame
 
 from .conftest import load

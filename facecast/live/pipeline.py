@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -27,14 +26,13 @@ import numpy as np
 from facecast.config import StreamSettings
 from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.errors import FacecastError
+from facecast.live.rate import RATE_LEVELS, RateController
 from facecast.live.slots import Closed, DropOldestQueue, LatestSlot
 from facecast.live.stats import LiveStats
 from facecast.media.frame import AudioChunk, Frame
 
 log = logging.getLogger(__name__)
 
-# Relative frame rates the output steps through when its link backs up (30 → 25 → 20 → 15).
-RATE_LEVELS = (1.0, 5 / 6, 2 / 3, 1 / 2)
 AUDIO_QUEUE = 256  # ~5 s of AAC packets: enough for any stall of the output thread
 
 
@@ -63,50 +61,6 @@ class Sink(Protocol):
 
 
 SinkFactory = Callable[[int, int, float, Any], Sink]
-
-
-class RateController:
-    """Steps the output rate down when writing a frame takes most of a frame interval (the
-    link, or the encoder feeding it, cannot keep up), or when the output says it is backed
-    up (a UDP output whose send queue on this host holds a standing backlog: its writes
-    never block, see live_sink's "Backlog"), and back up after it has been easy for a
-    while. Hysteresis keeps it from flapping."""
-
-    def __init__(
-        self, window: int = 30, high: float = 0.8, low: float = 0.35, recover_after: float = 10.0
-    ) -> None:
-        self.level = 0
-        self.samples: deque[float] = deque(maxlen=window)
-        self.high, self.low, self.recover_after = high, low, recover_after
-        self.easy_since: float | None = None
-
-    def observe(
-        self, send_seconds: float, interval: float, now: float, backed_up: bool = False
-    ) -> int | None:
-        """Record one frame's send time (and whether earlier frames were still queued when
-        it was due); returns the new level index when it changes."""
-        load = send_seconds / max(interval, 1e-6)
-        # still sending the frames before when the next is due: the link needed at least
-        # a whole frame interval for each, a load of 1
-        self.samples.append(max(load, 1.0) if backed_up else load)
-        if len(self.samples) < self.samples.maxlen:
-            return None
-        load = float(np.mean(self.samples))
-        if load > self.high and self.level < len(RATE_LEVELS) - 1:
-            self.level += 1
-            self.samples.clear()
-            self.easy_since = None
-            return self.level
-        if load < self.low and self.level > 0:
-            self.easy_since = self.easy_since or now
-            if now - self.easy_since >= self.recover_after:
-                self.level -= 1
-                self.samples.clear()
-                self.easy_since = None
-                return self.level
-        else:
-            self.easy_since = None
-        return None
 
 
 class LivePipeline:
