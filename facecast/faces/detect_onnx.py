@@ -371,7 +371,7 @@ def detector_for(
     model: OnnxModel, min_score: float = 0.5, nms_iou: float = 0.4, family: str | None = None
 ) -> OnnxFaceDetector:
     """The adapter for a detector model: by ``family`` when the models folder already
-    identified the file (by its sha256 or signature, see usermodels.py), else chosen here by
+    identified the file (by its sha256 or signature, see models/user.py), else chosen here by
     its input/output signature."""
     adapters = {
         "scrfd": ScrfdDetector,
