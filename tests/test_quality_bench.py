@@ -19,10 +19,10 @@ from facecast.bench.quality.bench import (
     quality_table,
     run_pairs,
     summarise,
-    video_flicker,
     write_sheets,
 )
 from facecast.bench.quality.expression import expression_errors
+from facecast.bench.quality.flicker import video_flicker
 from facecast.bench.quality.judges import available_judges
 from facecast.faces.analyse import FaceAnalyser
 
