@@ -343,7 +343,7 @@ def test_a_broken_pipeline_is_a_clear_error_not_a_hang(live_procs, tmp_path):
 
 
 def test_missing_gstreamer_names_the_fix(monkeypatch):
-    monkeypatch.setattr(gst, "_gst", None)
+    monkeypatch.setattr("facecast.media.gst_runtime._gst", None)
     monkeypatch.setitem(sys.modules, "gi", None)  # import gi now raises ImportError
     with pytest.raises(MediaError, match=r"pygobject<3\.51 in the venv: run scripts/setup"):
         gst.GstSource(rtp_in(5000))

@@ -286,7 +286,7 @@ def _probe_through(
         ]  # fmt: skip
     else:
         # A copy relay: demux and remux only; the floor the probe and the link set.
-        # Same low-delay MPEG-TS framing as facecast's outputs (see live_sink._TS).
+        # Same low-delay MPEG-TS framing as facecast's outputs (see media/output_plan._TS).
         listen = f"{url_in}?overrun_nonfatal=1&fifo_size=50000&buffer_size=4194304"
         cmd = [
             "ffmpeg", "-v", "error", "-fflags", "nobuffer", "-i", listen, "-c", "copy",

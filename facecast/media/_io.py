@@ -29,12 +29,27 @@ def require_file(path: str | Path) -> Path:
     return path
 
 
+def read_bytes(path: Path) -> bytes:
+    """All of ``path``'s bytes; MediaError naming the file when they cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise MediaError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise _cannot_read(path, exc) from exc
+
+
 def read_head(path: Path, size: int = 64) -> bytes:
+    """The first ``size`` bytes of ``path``; MediaError naming the file when unreadable."""
     try:
         with path.open("rb") as fh:
             return fh.read(size)
     except OSError as exc:
-        raise MediaError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+        raise _cannot_read(path, exc) from exc
+
+
+def _cannot_read(path: Path, exc: OSError) -> MediaError:
+    return MediaError(f"{path}: cannot read file ({exc.strerror or exc})")
 
 
 # FFmpeg's Y4M reader takes a header line of at most this many bytes, newline included

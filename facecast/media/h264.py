@@ -1,4 +1,4 @@
-"""H.264 framing for low-delay MPEG-TS (see ``live_sink._TS`` for why)."""
+"""H.264 framing for low-delay MPEG-TS (see ``output_plan._TS`` for why)."""
 
 from __future__ import annotations
 

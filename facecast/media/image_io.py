@@ -3,7 +3,8 @@
 OpenCV does the decoding and encoding; the mark is spliced into the encoded bytes here:
 a PNG ``tEXt`` (or ``iTXt`` for non-Latin-1 text) chunk right after ``IHDR``, or a JPEG
 ``COM`` segment (``key=value``) after the ``APPn`` segments. Both are ignored by viewers
-and kept by most tools that do not re-encode.
+and kept by most tools that do not re-encode. What a file's header says, and the limits it
+is held to before anything is decoded, are in image_header.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -21,10 +22,19 @@ import cv2
 import numpy as np
 
 from facecast.errors import MediaError
-from facecast.media._io import open_input, require_file
-from facecast.media.kind import ImageFormat, sniff_image_format
+from facecast.media._io import open_input, read_bytes, require_file
+from facecast.media.image_header import (
+    MAX_DECODED_BYTES,
+    MAX_IMAGE_PIXELS,
+    PNG_SIGNATURE,
+    ImageHeader,
+    check_decodable,
+    image_header,
+    jpeg_segments,
+    png_chunk_spans,
+)
+from facecast.media.kind import sniff_image_format
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WRITABLE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # PNG keywords: 1-79 printable Latin-1 characters; we also keep JPEG COM keys to that set
@@ -49,10 +59,7 @@ def read_image(path: str | Path) -> np.ndarray:
     allocated.
     """
     path = require_file(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise MediaError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    data = read_bytes(path)
     fmt = sniff_image_format(data[:32])
     if fmt is not None:
         header = image_header(data, fmt)
@@ -75,47 +82,10 @@ def read_image(path: str | Path) -> np.ndarray:
 
 UPLOAD_FORMATS = ("jpeg", "png")
 HEADER_REQUIRED = ("jpeg", "png")  # formats whose header readers here know every variant
-MAX_IMAGE_PIXELS = 40_000_000  # ~6300x6300: any real photo; refuses decompression bombs
-# What a decoded picture may take before it becomes BGR uint8: any 8-bit one at the pixel
-# cap (4 channels), a 16-bit one at half of it. A 6000x6000 16-bit RGBA PNG is a few
-# hundred KB on the wire but 288 MB decoded, and more while it is converted.
-MAX_DECODED_BYTES = 4 * MAX_IMAGE_PIXELS
-MB = 1_000_000  # decimal, as the docs give the budget (160 MB)
 
 
 class UnsupportedImageError(MediaError):
     """Bytes that are not an image type we accept (judged by content, not by name)."""
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What an image file says of its picture, before it is decoded: its size, and the
-    channels and bits per sample OpenCV will decode it to."""
-
-    width: int
-    height: int
-    channels: int
-    bits: int
-
-    @property
-    def decoded_bytes(self) -> int:
-        sample = max(1, (self.bits + 7) // 8)  # 1-, 2- and 4-bit samples decode to bytes
-        return self.width * self.height * self.channels * sample
-
-
-def check_decodable(header: ImageHeader, name: str) -> None:
-    """MediaError unless the picture is within the pixel cap and the decoding budget."""
-    width, height = header.width, header.height
-    if width * height > MAX_IMAGE_PIXELS:
-        raise MediaError(
-            f"{name}: {width}x{height} is too large (at most {MAX_IMAGE_PIXELS:,} pixels)"
-        )
-    if header.decoded_bytes > MAX_DECODED_BYTES:
-        raise MediaError(
-            f"{name}: {width}x{height} at {header.bits}-bit with {header.channels} channels "
-            f"takes {header.decoded_bytes / MB:.0f} MB to decode (at most "
-            f"{MAX_DECODED_BYTES / MB:.0f} MB: use fewer pixels or 8 bits)"
-        )
 
 
 def decode_image_bytes(data: bytes, name: str = "upload") -> np.ndarray:
@@ -149,116 +119,6 @@ def _check_decoded(image: np.ndarray, name: str) -> None:
     height, width = image.shape[:2]
     channels = 1 if image.ndim == 2 else image.shape[2]
     check_decodable(ImageHeader(width, height, channels, 8 * image.itemsize), name)
-
-
-def image_header(data: bytes, fmt: ImageFormat) -> ImageHeader | None:
-    """The picture ``data`` holds, from its header; None when the header is unreadable."""
-    try:
-        header = _HEADER_READERS[fmt](data)
-    except (struct.error, IndexError, ValueError):  # cut short, or nonsense offsets
-        return None
-    if header is None or header.width <= 0 or header.height <= 0:
-        return None
-    return header
-
-
-# PNG colour type -> channels as OpenCV decodes it with IMREAD_UNCHANGED: gray, -, RGB,
-# palette, gray+alpha, -, RGBA. A tRNS chunk adds an alpha channel to RGB and palette.
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}
-
-
-def _png_header(data: bytes) -> ImageHeader | None:
-    if len(data) < 26 or data[12:16] != b"IHDR":
-        return None
-    width, height, bits, color = struct.unpack(">IIBB", data[16:26])
-    channels = _PNG_CHANNELS.get(color)
-    if channels is None:
-        return None
-    if color in (2, 3) and _png_has_transparency(data):
-        channels = 4
-    return ImageHeader(width, height, channels, bits)
-
-
-def _png_has_transparency(data: bytes) -> bool:
-    """A tRNS chunk before the image data (where the format puts it); chunk types only,
-    so a large IDAT is never copied."""
-    for ctype, _, _ in _png_chunk_spans(data):
-        if ctype == b"tRNS":
-            return True
-        if ctype in (b"IDAT", b"IEND"):
-            return False
-    return False
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_header(data: bytes) -> ImageHeader | None:
-    for _, marker, payload in _jpeg_segments(data):
-        if marker in _JPEG_SOF and len(payload) >= 5:
-            height, width = struct.unpack(">HH", payload[1:5])
-            return ImageHeader(width, height, 3, 8)  # IMREAD_COLOR: always BGR uint8
-    return None
-
-
-def _webp_header(data: bytes) -> ImageHeader | None:
-    chunk = data[12:16]
-    if chunk == b"VP8X":  # extended: the canvas, 24-bit sizes less one; flags say alpha
-        width = 1 + int.from_bytes(data[24:27], "little")
-        height = 1 + int.from_bytes(data[27:30], "little")
-        return ImageHeader(width, height, 4 if data[20] & 0x10 else 3, 8)
-    if chunk == b"VP8L" and data[20] == 0x2F:  # lossless: 14-bit sizes less one, packed
-        bits = int.from_bytes(data[21:25], "little")
-        width, height = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-        return ImageHeader(width, height, 4 if bits >> 28 & 1 else 3, 8)
-    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # lossy: after the start code
-        width, height = struct.unpack("<HH", data[26:30])
-        return ImageHeader(width & 0x3FFF, height & 0x3FFF, 3, 8)
-    return None
-
-
-def _bmp_header(data: bytes) -> ImageHeader | None:
-    if int.from_bytes(data[14:18], "little") == 12:  # OS/2 core header: 16-bit sizes
-        width, height, _, bits = struct.unpack("<HHHH", data[18:26])
-    else:
-        width, height, _, bits = struct.unpack("<iiHH", data[18:30])
-    # a negative height is a top-down bitmap; 32-bit ones may carry alpha
-    return ImageHeader(abs(width), abs(height), 4 if bits == 32 else 3, 8)
-
-
-_TIFF_SIZES = {3: 2, 4: 4}  # SHORT, LONG: the types the tags read here come in
-
-
-def _tiff_header(data: bytes) -> ImageHeader | None:
-    """The first page (the one OpenCV decodes): width, height, bits and samples per pixel."""
-    order = "<" if data[:2] == b"II" else ">"
-    (ifd,) = struct.unpack(order + "I", data[4:8])
-    (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
-    tags: dict[int, int] = {}
-    for i in range(count):
-        entry = data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
-        tag, kind, n = struct.unpack(order + "HHI", entry[:8])
-        size = _TIFF_SIZES.get(kind)
-        if tag not in (256, 257, 258, 277) or size is None or n < 1:
-            continue
-        # the first value: in the entry when all of them fit in its 4 bytes, else at an offset
-        where = entry[8:12]
-        if size * n > 4:
-            (offset,) = struct.unpack(order + "I", where)
-            where = data[offset : offset + size]
-        (tags[tag],) = struct.unpack(order + ("H" if size == 2 else "I"), where[:size])
-    if 256 not in tags or 257 not in tags:
-        return None
-    return ImageHeader(tags[256], tags[257], max(tags.get(277, 1), 1), tags.get(258, 1))
-
-
-_HEADER_READERS = {
-    "png": _png_header,
-    "jpeg": _jpeg_header,
-    "webp": _webp_header,
-    "bmp": _bmp_header,
-    "tiff": _tiff_header,
-}
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:
@@ -329,10 +189,7 @@ def read_image_mark(path: str | Path) -> dict[str, str]:
     a ``key=`` prefix comes back under ``"comment"``. Other formats give ``{}``.
     """
     path = require_file(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise MediaError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    data = read_bytes(path)
     fmt = sniff_image_format(data[:32])
     if fmt == "png":
         return _png_text_chunks(data)
@@ -364,51 +221,17 @@ def _png_text_chunks(data: bytes) -> dict[str, str]:
     return out
 
 
-def _png_chunk_spans(data: bytes):
-    """(type, offset of the body, length) of each chunk, without copying any body."""
-    pos = len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
-        yield ctype, pos + 8, length
-        if ctype == b"IEND":
-            return
-        pos += 12 + length
-
-
-def _png_chunks(data: bytes):
-    for ctype, start, length in _png_chunk_spans(data):
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    for ctype, start, length in png_chunk_spans(data):
         body = data[start : start + length]
         if len(body) < length:
             return  # truncated file: keep what was read
         yield ctype, body
 
 
-def _jpeg_segments(data: bytes):
-    """(offset, marker, payload) for each marker segment before the scan data."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return  # lost sync: corrupt header
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
-            pos += 2
-            continue
-        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more headers
-            yield pos, marker, b""
-            return
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if length < 2:
-            return
-        yield pos, marker, data[pos + 4 : pos + 2 + length]
-        pos += 2 + length
-
-
 def _jpeg_comments(data: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
-    for _, marker, payload in _jpeg_segments(data):
+    for _, marker, payload in jpeg_segments(data):
         if marker != 0xFE:
             continue
         text = payload.decode("utf-8", errors="replace")
@@ -476,7 +299,7 @@ def _png_with_text(png: bytes, mark: dict[str, str]) -> bytes:
 
 def _jpeg_with_comments(jpeg: bytes, mark: dict[str, str]) -> bytes:
     insert_at = 2
-    for offset, marker, payload in _jpeg_segments(jpeg):
+    for offset, marker, payload in jpeg_segments(jpeg):
         if 0xE0 <= marker <= 0xEF:  # APPn (JFIF, EXIF) must stay first
             insert_at = offset + 4 + len(payload)
         else:
@@ -501,3 +324,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise MediaError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+__all__ = [
+    "HEADER_REQUIRED",
+    "MAX_DECODED_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "UPLOAD_FORMATS",
+    "WRITABLE_SUFFIXES",
+    "ImageHeader",
+    "UnsupportedImageError",
+    "check_decodable",
+    "composite_on_white",
+    "decode_image_bytes",
+    "image_header",
+    "png_chunk",
+    "read_image",
+    "read_image_mark",
+    "to_bgr8",
+    "write_image",
+]
