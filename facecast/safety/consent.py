@@ -400,8 +400,9 @@ def consent_routes(
     from starlette.concurrency import run_in_threadpool
 
     from facecast.safety.moderation import audited, note
-    from facecast.serve.app import bearer_guard, read_image_uploads
+    from facecast.serve.app import bearer_guard
     from facecast.serve.store import StoreError
+    from facecast.serve.uploads import read_image_uploads
 
     guard = bearer_guard(token)
 

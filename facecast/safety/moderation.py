@@ -50,7 +50,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import cv2
@@ -374,19 +374,37 @@ async def note(request: Request, images: Images) -> None:
         await attempt.note(images)
 
 
+@dataclass(frozen=True)
+class GateSettings:
+    """What ``serve`` is told about its face gate, the same on every role that takes faces
+    (single box, ingest, worker): ``require_consent``, the moderation webhook's URL and
+    timeout, and the audit log's file (None: ``audit.log`` in the state folder)."""
+
+    require_consent: bool = False
+    moderation_url: str | None = None
+    moderation_timeout: float = DEFAULT_TIMEOUT
+    audit_log: Path | None = None
+
+
+class GateOptions(TypedDict, total=False):
+    """``GateSettings`` as keyword arguments: how ``Service`` and ``Worker`` take them."""
+
+    require_consent: bool
+    moderation_url: str | None
+    moderation_timeout: float
+    audit_log: Path | None
+
+
 def build_gate(
+    settings: GateSettings,
     *,
     token: str | None,
     state_dir: Path | None,
     store: ClusterStore | None = None,
-    require_consent: bool = False,
-    moderation_url: str | None = None,
-    moderation_timeout: float = DEFAULT_TIMEOUT,
-    audit_log: Path | None = None,
 ) -> FaceGate:
     """``serve``'s gate. The consent registry lives with the state: in ``store`` for a
     cluster's ingest, else in ``state_dir`` (none without either). The audit log is
-    ``audit_log``, by default ``audit.log`` in ``state_dir`` (none without one)."""
+    ``settings.audit_log``, by default ``audit.log`` in ``state_dir`` (none without one)."""
     from facecast.safety.audit import AUDIT_FILE
     from facecast.safety.consent import ConsentRegistry
 
@@ -395,13 +413,15 @@ def build_gate(
         registry = ConsentRegistry.in_store(store)
     elif state_dir is not None:
         registry = ConsentRegistry.in_folder(state_dir)
+    audit_log = settings.audit_log
     if audit_log is None and state_dir is not None:
         audit_log = state_dir / AUDIT_FILE
-    moderator = Moderator(moderation_url, moderation_timeout) if moderation_url else None
+    url = settings.moderation_url
+    moderator = Moderator(url, settings.moderation_timeout) if url else None
     return FaceGate(
         token=token,
         registry=registry,
-        require_consent=require_consent,
+        require_consent=settings.require_consent,
         moderator=moderator,
         audit=AuditLog(audit_log) if audit_log is not None else None,
     )

@@ -1,10 +1,12 @@
-"""The RTMP/HLS ingest server: a private nginx + nginx-rtmp instance on loopback.
+"""The RTMP/HLS ingest server: a private nginx + nginx-rtmp instance on loopback, run and
+supervised as a child process.
 
 Publishers push to ``rtmp://127.0.0.1:PORT/live/KEY``; facecast reads that and publishes
 ``rtmp://127.0.0.1:PORT/swapped/KEY``, which nginx also serves as HLS at
-``http://127.0.0.1:HTTP_PORT/hls/KEY.m3u8``. The config is ``deploy/nginx/nginx.conf.template``
-rendered into a prefix directory that holds everything the instance writes (pid, logs, temp
-files, HLS fragments), so it needs no system paths and several can run side by side.
+``http://127.0.0.1:HTTP_PORT/hls/KEY.m3u8``. The config (``facecast.serve.nginx_conf``: the
+template, and who may do what) is rendered into a prefix directory that holds everything the
+instance writes (pid, logs, temp files, HLS fragments), so it needs no system paths and
+several can run side by side.
 
 nginx runs in the foreground (``daemon off``) as our child, in its own process group, so
 ``stop()`` can always take down the master *and* its worker even if the master is killed.
@@ -12,35 +14,16 @@ With ``supervise=True`` a watcher thread notices when nginx dies (a crash, the O
 ``kill -9``), says so (``problems()``, for readiness), and starts it again with backoff,
 counting the restarts.
 
-Who may do what (the rendered config; see deploy/nginx/nginx.conf.template):
-
-- ``live/KEY`` plays to loopback only; with a ``worker_secret`` (``facecast serve``), only
-  to a reader whose URL carries it (``?facecast=SECRET``): facecast's own.
-- ``swapped/KEY`` takes publishers from loopback only; with a worker secret, only the one
-  that carries it: facecast's own output.
-- With a ``play_secret`` (viewer auth), viewers need the key's play token: HLS at
-  ``/hls/TOKEN/KEY.m3u8``, RTMP at ``swapped/KEY?token=TOKEN``.
-- ``/stat`` answers loopback only.
-
-nginx checks the secrets and tokens itself (``on_play``/``on_publish`` pointed at its own
-HTTP server, ``secure_link``): no check waits on facecast, whose RTMP connects hold the GIL.
-
-Command line (used by ``scripts/ingest``)::
+Command line (used by ``scripts/ingest``; see ``facecast.serve.ingest_cli``)::
 
     python -m facecast.serve.ingest start|stop|status [--rtmp-port N] [--http-port N] [--prefix DIR]
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import signal
 import socket
@@ -53,24 +36,38 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from facecast.errors import FacecastError
 from facecast.media.backoff import Backoff
+from facecast.serve.nginx_conf import (
+    FIX,
+    HOST,
+    LOCAL_ONLY,
+    TEMPLATE,
+    IngestAccess,
+    IngestError,
+    NginxConfig,
+    find_rtmp_module,
+    play_token,
+)
+
+# The config's names, importable from here as before it had a module of its own.
+__all__ = [
+    "HOST",
+    "TEMPLATE",
+    "IngestAccess",
+    "IngestError",
+    "IngestServer",
+    "find_rtmp_module",
+    "free_port",
+    "free_ports",
+    "play_token",
+    "port_accepts",
+]
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "nginx.conf.template"
-# Where Debian's libnginx-mod-rtmp installs the module (nginx -V: --modules-path).
-DEBIAN_MODULES_DIR = Path("/usr/lib/nginx/modules")
-RTMP_MODULE_NAME = "ngx_rtmp_module.so"
-FIX = "install it with scripts/setup (Debian packages nginx and libnginx-mod-rtmp)"
-HOST = "127.0.0.1"
 # How often the supervisor looks at nginx, and its restart pacing (seconds).
 WATCH_INTERVAL = 0.2
 RESTART_BACKOFF = (0.5, 10.0)
-
-
-class IngestError(FacecastError):
-    """The ingest server cannot start or stop (nginx or its RTMP module missing, port taken)."""
 
 
 def free_port() -> int:
@@ -102,25 +99,6 @@ def port_accepts(port: int, host: str = HOST, timeout: float = 0.2) -> bool:
         return False
 
 
-def find_rtmp_module(nginx: str = "nginx") -> Path:
-    """Where this nginx looks for modules (``nginx -V``: --modules-path) + ngx_rtmp_module.so.
-
-    Falls back to Debian's directory; the file may not exist (start() checks and says why).
-    """
-    binary = shutil.which(nginx)
-    if binary:
-        try:
-            info = subprocess.run(
-                [binary, "-V"], capture_output=True, text=True, timeout=5, check=False
-            ).stderr
-        except (OSError, subprocess.TimeoutExpired):
-            info = ""
-        match = re.search(r"--modules-path=(\S+)", info)
-        if match:
-            return Path(match.group(1)) / RTMP_MODULE_NAME
-    return DEBIAN_MODULES_DIR / RTMP_MODULE_NAME
-
-
 def _port_bindable(port: int) -> bool:
     # nginx sets SO_REUSEADDR on its listeners, so match it: a port in TIME_WAIT is usable.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -132,16 +110,6 @@ def _port_bindable(port: int) -> bool:
     return True
 
 
-def play_token(key: str, secret: str) -> str:
-    """The token that lets a viewer watch ``key``: what nginx's ``secure_link_md5 "$key
-    SECRET"`` expects, base64url of the MD5 without padding. One token per key: it opens
-    that key's HLS and RTMP output and no other key's."""
-    # MD5 because secure_link_md5 is what nginx has; the secret is 256 random bits, and
-    # it comes last, so MD5's length extension cannot forge another key's token.
-    digest = hashlib.md5(f"{key} {secret}".encode()).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
-
-
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -149,23 +117,14 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-class IngestServer:
-    """A loopback nginx-rtmp instance: ``live`` in, ``swapped`` out (RTMP + HLS).
+class IngestServer(NginxConfig):
+    """A loopback nginx-rtmp instance: ``live`` in, ``swapped`` out (RTMP + HLS), running
+    its config (``NginxConfig``: ports, publish hook, ``access``, which nginx).
 
     Use as a context manager, or start()/stop(). ``prefix=None`` uses a temporary directory
     that stop() removes; a given prefix is kept (its logs help when a test fails).
-    ``nginx``, ``rtmp_module`` and ``template`` exist so tests (and odd installs) can point
-    at other files.
-
-    ``on_publish_url``: asked about every publish on ``live`` (form field ``call``:
-    ``publish``), and told when it ends (``publish_done``). POSTed, or with a
-    ``worker_secret`` sent as GET arguments (nginx-rtmp has one method per application).
-    ``worker_secret``: only URLs with ``?facecast=SECRET`` play ``live`` and publish
-    ``swapped``. ``play_secret``: viewer auth on; tokens are ``play_token(key, secret)``.
     ``supervise``: restart nginx when it dies; ``on_exit(reason)`` is called (from the
     watcher thread) each time it is found dead, before it is started again.
-    ``remote_workers``: facecast's workers read ``live`` and publish ``swapped`` from other
-    machines (``serve --role ingest``): any address may, with the worker secret.
     """
 
     def __init__(
@@ -175,37 +134,19 @@ class IngestServer:
         prefix: Path | None = None,
         on_publish_url: str | None = None,
         *,
-        listen: str = HOST,
-        worker_secret: str | None = None,
-        play_secret: str | None = None,
+        access: IngestAccess = LOCAL_ONLY,
         supervise: bool = False,
         on_exit: Callable[[str], None] | None = None,
-        remote_workers: bool = False,
         nginx: str = "nginx",
         rtmp_module: Path | None = None,
         template: Path = TEMPLATE,
     ) -> None:
-        if remote_workers and not worker_secret:
-            # the secret is then the only thing between the raw inputs and the world
-            raise IngestError("workers on other machines need a worker secret")
-        self.remote_workers = remote_workers
-        self.rtmp_port = rtmp_port
-        self.http_port = http_port
-        self.on_publish_url = on_publish_url
-        self.worker_secret = worker_secret
-        self.play_secret = play_secret
-        self.listen = listen  # clients on this machine still use 127.0.0.1 (rtmp_url)
-        self.nginx = nginx
-        self.rtmp_module = rtmp_module
-        self.template = template
+        super().__init__(rtmp_port, http_port, on_publish_url, access, nginx, rtmp_module, template)
         self.supervise = supervise
         self.on_exit = on_exit
         self._given_prefix = Path(prefix) if prefix is not None else None
         self._prefix: Path | None = self._given_prefix
         self._proc: subprocess.Popen[bytes] | None = None
-        # A check that is off keeps its location in the config, with a secret nobody is
-        # given, so nothing passes it.
-        self._unused_secret = secrets.token_urlsafe(32)
         # start/stop/restart/reload and the supervisor's restarts, one at a time: the
         # supervisor must not take a deliberate restart's gap for a death.
         self._lock = threading.RLock()
@@ -241,102 +182,11 @@ class IngestServer:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def rtmp_url(self, app: str, key: str) -> str:
-        """``rtmp://127.0.0.1:PORT/APP/KEY``; app is ``live`` (publishers) or ``swapped``."""
-        return f"rtmp://{HOST}:{self.rtmp_port}/{app}/{key}"
-
-    def hls_url(self, key: str, host: str = HOST) -> str:
-        """The HLS playlist of ``swapped/KEY`` (with viewer auth: its signed path)."""
-        if self.play_secret:
-            return f"http://{host}:{self.http_port}/hls/{self.play_token(key)}/{key}.m3u8"
-        return f"http://{host}:{self.http_port}/hls/{key}.m3u8"
-
-    def play_token(self, key: str) -> str:
-        """The viewer token of ``key``; raises IngestError when viewer auth is off."""
-        if not self.play_secret:
-            raise IngestError("viewer auth is off: there are no play tokens")
-        return play_token(key, self.play_secret)
-
-    def worker_url(self, app: str, key: str) -> str:
-        """``rtmp_url`` with the worker secret: what facecast's own reader plays (live) and
-        its own output publishes (swapped)."""
-        url = self.rtmp_url(app, key)
-        return f"{url}?facecast={self.worker_secret}" if self.worker_secret else url
-
-    def play_urls(self, key: str, host: str = HOST) -> dict[str, str]:
-        """Where a viewer watches ``swapped/KEY``: ``rtmp`` and ``hls``, signed with the
-        key's play token when viewer auth is on."""
-        rtmp = f"rtmp://{host}:{self.rtmp_port}/swapped/{key}"
-        if self.play_secret:
-            rtmp += f"?token={self.play_token(key)}"
-        return {"rtmp": rtmp, "hls": self.hls_url(key, host)}
-
-    @property
-    def stat_url(self) -> str:
-        """nginx-rtmp's XML statistics (publishers and readers per stream)."""
-        return f"http://{HOST}:{self.http_port}/stat"
+    def render(self) -> str:
+        """The config for this instance, as ``start`` writes it."""
+        return self.render_for(self.prefix)
 
     # ------------------------------------------------------------------ config
-
-    def render(self) -> str:
-        """The template with every @NAME@ filled in for this instance."""
-        if not self.template.is_file():
-            raise IngestError(f"nginx config template not found: {self.template}")
-        module = self.rtmp_module or find_rtmp_module(self.nginx)
-        if self.on_publish_url:
-            # One URL for both: nginx-rtmp says which in the form field "call"
-            # (publish / publish_done), so a key's pipeline can start and stop with it.
-            url = self.on_publish_url
-            on_publish = f"on_publish {url}; on_publish_done {url};"
-        else:
-            on_publish = "# on_publish http://127.0.0.1:PORT/PATH;  (off)"
-        checks = f"http://{HOST}:{self.http_port}/_facecast"
-        live_auth, swapped_auth = ["# worker secret off"], ["# worker secret off"]
-        if self.worker_secret:
-            live_auth = ["notify_method get;", f"on_play {checks}/worker;"]
-            swapped_auth = ["notify_method get;", f"on_publish {checks}/worker;"]
-        if self.play_secret:
-            swapped_auth += [
-                "# viewer auth" if self.worker_secret else "notify_method get;",
-                f"on_play {checks}/viewer;",
-            ]
-            hls_open = "return 403;  # viewer auth: only /hls/TOKEN/... serves"
-        else:
-            swapped_auth.append("# viewer auth off: anyone who reaches the port may watch")
-            hls_open = "# viewer auth off: open"
-        indent = "\n" + " " * 12
-        # As root, nginx would run its worker as "nobody", which cannot write HLS files under
-        # a prefix private to root (pytest's tmp_path is 0700). This is a loopback-only server.
-        user = "user root;" if os.geteuid() == 0 else "# user: unchanged (not started as root)"
-        values = {
-            "RTMP_MODULE": str(module),
-            "PREFIX": str(self.prefix.resolve()),
-            "USER": user,
-            "RTMP_PORT": str(self.rtmp_port),
-            "HTTP_PORT": str(self.http_port),
-            "ON_PUBLISH": on_publish,
-            "LIVE_AUTH": indent.join(live_auth),
-            "SWAPPED_AUTH": indent.join(swapped_auth),
-            "HLS_OPEN": hls_open,
-            "WORKER_SECRET": self.worker_secret or self._unused_secret,
-            "PLAY_SECRET": self.play_secret or self._unused_secret,
-            "LISTEN": self.listen,
-            "LIVE_PLAY_FROM": self._from("play"),
-            "SWAPPED_PUBLISH_FROM": self._from("publish"),
-        }
-        text = self.template.read_text()
-        for name, value in values.items():
-            text = text.replace(f"@{name}@", value)
-        left = sorted(set(re.findall(r"@[A-Z_]+@", text)))
-        if left:
-            raise IngestError(f"{self.template}: unknown placeholders {', '.join(left)}")
-        return text
-
-    def _from(self, action: str) -> str:
-        """The RTMP allow/deny lines for ``action`` (play, publish) by facecast's workers."""
-        if self.remote_workers:
-            return f"allow {action} all;  # workers on other machines: the secret decides"
-        return f"allow {action} 127.0.0.1;\n{' ' * 12}deny {action} all;"
 
     def _write_config(self) -> None:
         for sub in ("logs", "temp", "hls"):
@@ -350,16 +200,6 @@ class IngestServer:
         os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
         with os.fdopen(fd, "w") as conf:
             conf.write(text)
-
-    def _check_install(self) -> str:
-        """The nginx binary's path; raises IngestError naming the fix if anything is missing."""
-        binary = shutil.which(self.nginx)
-        if binary is None:
-            raise IngestError(f"nginx not found ({self.nginx!r} is not on PATH): {FIX}")
-        module = self.rtmp_module or find_rtmp_module(self.nginx)
-        if not Path(module).is_file():
-            raise IngestError(f"nginx RTMP module not found at {module}: {FIX}")
-        return binary
 
     def _base_cmd(self, binary: str) -> list[str]:
         return [binary, "-p", str(self.prefix), "-c", str(self.conf_path)]
@@ -384,7 +224,7 @@ class IngestServer:
     def _start(self, timeout: float = 10) -> None:
         if self.is_running:
             return
-        binary = self._check_install()
+        binary = self.check_install()
         for port in (self.rtmp_port, self.http_port):
             # Checked first: else our readiness probe could talk to whoever holds the port.
             if not _port_bindable(port):
@@ -534,7 +374,7 @@ class IngestServer:
     def _reload(self, timeout: float, keep_sessions: bool) -> None:
         if not self.is_running or self._proc is None:
             raise IngestError("reload(): the ingest server is not running")
-        binary = self._check_install()
+        binary = self.check_install()
         self._write_config()
         check = subprocess.run(
             [*self._base_cmd(binary), "-t", "-q"],
@@ -616,107 +456,7 @@ def _exit_reason(code: int | None) -> str:
     return f"nginx exited with code {code}"
 
 
-# ---------------------------------------------------------------------- command line
-# `start` leaves nginx running after Python exits (it is in its own session); the state file
-# in the prefix records its pid and ports for `stop` and `status`.
+if __name__ == "__main__":  # python -m facecast.serve.ingest: see facecast.serve.ingest_cli
+    from facecast.serve.ingest_cli import main
 
-STATE_FILE = "ingest.json"
-
-
-def default_prefix() -> Path:
-    return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "facecast-ingest"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # An orphaned nginx that nobody reaped yet is a zombie: it answers kill(0) but is gone.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _read_state(prefix: Path) -> dict | None:
-    try:
-        state = json.loads((prefix / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if _alive(int(state["pid"])) else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m facecast.serve.ingest", description="Local nginx-rtmp ingest server."
-    )
-    parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--rtmp-port", type=int, default=1935)
-    parser.add_argument("--http-port", type=int, default=8088)
-    parser.add_argument("--prefix", type=Path, default=default_prefix())
-    parser.add_argument("--on-publish-url", default=None)
-    args = parser.parse_args(argv)
-    prefix: Path = args.prefix
-    state = _read_state(prefix)
-
-    try:
-        if args.command == "status":
-            if state is None:
-                print(f"ingest: not running (prefix {prefix})")
-                return 3  # LSB "program is not running"
-            up = port_accepts(state["rtmp_port"])
-            print(
-                f"ingest: {'running' if up else 'NOT LISTENING'} pid {state['pid']}\n"
-                f"  publish  rtmp://{HOST}:{state['rtmp_port']}/live/KEY\n"
-                f"  swapped  rtmp://{HOST}:{state['rtmp_port']}/swapped/KEY\n"
-                f"  HLS      http://{HOST}:{state['http_port']}/hls/KEY.m3u8\n"
-                f"  logs     {prefix / 'logs'}"
-            )
-            return 0 if up else 1
-        if args.command == "stop":
-            if state is None:
-                print("ingest: not running")
-                return 0
-            pid = int(state["pid"])
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            (prefix / STATE_FILE).unlink(missing_ok=True)
-            print("ingest: stopped")
-            return 0
-        # start
-        if state is not None:
-            print(f"ingest: already running, pid {state['pid']} (scripts/ingest status)")
-            return 0
-        prefix.mkdir(parents=True, exist_ok=True)
-        server = IngestServer(args.rtmp_port, args.http_port, prefix, args.on_publish_url)
-        server.start()
-        (prefix / STATE_FILE).write_text(
-            json.dumps(
-                {"pid": server.pid, "rtmp_port": args.rtmp_port, "http_port": args.http_port}
-            )
-        )
-        print(
-            f"ingest: running, pid {server.pid}\n"
-            f"  publish  {server.rtmp_url('live', 'KEY')}\n"
-            f"  swapped  {server.rtmp_url('swapped', 'KEY')}\n"
-            f"  HLS      {server.hls_url('KEY')}\n"
-            f"  logs     {prefix / 'logs'}"
-        )
-        # Deliberately no stop(): nginx keeps running after we exit.
-        return 0
-    except IngestError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""Stream-key profiles for ``facecast serve``: the YAML file, and the state the API keeps.
+"""Stream-key profiles for ``facecast serve``: the YAML file, the state the API keeps, and
+the stream settings a profile gives (``stream_settings``).
 
 A profile says how one stream key is swapped: its face, ``faces``, ``blend``, optional
 references and models. Profiles come from two places:
@@ -35,7 +36,7 @@ import cv2
 import numpy as np
 import yaml
 
-from facecast.config import Reference
+from facecast.config import Reference, StreamSettings
 from facecast.errors import FacecastError
 from facecast.faces.select import Selection
 from facecast.swap.sources import source_photos
@@ -59,6 +60,24 @@ class Profile:
     references: tuple[Reference, ...] = ()
     # models for this key only (detector, recogniser, swapper, enhancer), over serve's own
     models: tuple[tuple[str, str], ...] = ()
+
+
+def stream_settings(
+    base: StreamSettings, profile: Profile, input_url: str, output_url: str
+) -> StreamSettings:
+    """The settings of one key's stream: ``base`` with the profile's face and options."""
+    return base.model_copy(
+        update={
+            "source_image": profile.source,
+            "faces": profile.faces,
+            "blend": profile.blend,
+            "references": list(profile.references),
+            **dict(profile.models),
+            "input": input_url,
+            "output": output_url,
+            "realtime": False,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- the YAML file

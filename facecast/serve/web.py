@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -34,24 +33,17 @@ from pydantic import BaseModel, ValidationError
 
 from facecast.errors import NoFaceError
 from facecast.safety.moderation import FaceGate, audited, no_face_change, vet
-from facecast.serve.app import (
-    LOOPBACK,
-    MAX_UPLOAD_BYTES,
-    ThreadedServer,
-    bearer_guard,
-    bind_host,
-    read_image_uploads,
-    read_limited,
-)
+from facecast.serve.app import LOOPBACK, SwappingRequest, bearer_guard, bind_host
+from facecast.serve.http_server import Runnable, ThreadedServer
+from facecast.serve.uploads import MAX_UPLOAD_BYTES, read_image_uploads, read_limited
 from facecast.webrtc.page import (
     MAX_SDP,
-    BadOfferError,
-    NegotiationTimeout,
     SessionLimitError,
     UnknownFaceError,
     UnknownSessionError,
     WebSessions,
 )
+from facecast.webrtc.peer import BadOfferError, NegotiationTimeout
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +55,6 @@ class OfferRequest(BaseModel):
     sdp: str
     type: Literal["offer"]
     face: str | None = None
-
-
-class SwappingRequest(BaseModel):
-    enabled: bool
 
 
 def web_router(
@@ -217,7 +205,7 @@ def create_web_app(
     return app
 
 
-class WebServer:
+class WebServer(Runnable):
     """``facecast web``: uvicorn on a thread of its own. ``stop()`` closes every session
     (on the server's loop, while it still runs), then the server."""
 
@@ -248,13 +236,6 @@ class WebServer:
     def stop(self, timeout: float = 15.0) -> None:
         self.sessions.close_all_blocking(timeout)
         self._http.stop(timeout)
-
-    def run(self, stop: threading.Event) -> None:
-        self.start()
-        try:
-            stop.wait()
-        finally:
-            self.stop()
 
 
 def _display_name(name: str | None) -> str:

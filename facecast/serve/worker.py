@@ -34,15 +34,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Unpack
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError
-from facecast.safety.moderation import DEFAULT_TIMEOUT, build_gate
-from facecast.serve.app import LOOPBACK, ThreadedServer, bind_host, create_app
-from facecast.serve.service import stream_settings
+from facecast.safety.moderation import GateOptions, GateSettings, build_gate
+from facecast.serve.app import LOOPBACK, bind_host, create_app
+from facecast.serve.http_server import ThreadedServer
+from facecast.serve.profiles import stream_settings
 from facecast.serve.store import ClusterStore, StoreError, entry_profile, store_problems
 from facecast.serve.streams import StreamManager, UnknownStreamError
 
@@ -65,14 +67,12 @@ class Worker:
         http_port: int = 8080,
         base: StreamSettings | None = None,
         worker_id: str | None = None,
-        require_consent: bool = False,
-        moderation_url: str | None = None,
-        moderation_timeout: float = DEFAULT_TIMEOUT,
-        audit_log: Path | None = None,
+        **gate: Unpack[GateOptions],
     ) -> None:
-        """``require_consent``, ``moderation_url``, ``moderation_timeout``, ``audit_log``:
-        as the ingest's (``Service``), for the face changes this worker's own API takes
-        (``POST /api/streams/KEY/source``); the consent registry is the store's."""
+        """``gate``: ``require_consent``, ``moderation_url``, ``moderation_timeout``,
+        ``audit_log``, as the ingest's (``Service``, ``GateSettings``), for the face changes
+        this worker's own API takes (``POST /api/streams/KEY/source``); the consent registry
+        is the store's."""
         if capacity < 1:
             raise FacecastError("a worker's capacity is at least 1 stream")
         self.store = store
@@ -82,15 +82,7 @@ class Worker:
         self.manager = StreamManager()
         self.manager.checks.append(lambda: store_problems(store))
         self.manager.collectors.append(WorkerCollector(self))
-        self.gate = build_gate(
-            token=token,
-            state_dir=None,
-            store=store,
-            require_consent=require_consent,
-            moderation_url=moderation_url,
-            moderation_timeout=moderation_timeout,
-            audit_log=audit_log,
-        )
+        self.gate = build_gate(GateSettings(**gate), token=token, state_dir=None, store=store)
         self.app = create_app(self.manager, token, gate=self.gate)
         self.host = bind_host(host, token)
         self.http_port = http_port

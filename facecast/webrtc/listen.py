@@ -33,7 +33,7 @@ from facecast.errors import MediaError
 from facecast.live.slots import LatestSlot
 from facecast.media.frame import Frame
 from facecast.serve.app import ThreadedServer
-from facecast.webrtc.page import BadOfferError, NegotiationTimeout
+from facecast.webrtc.peer import BadOfferError, NegotiationTimeout
 from facecast.webrtc.whip import (
     BusyKeyError,
     UnknownSessionError,

@@ -20,19 +20,16 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aioice import ice as aioice_ice
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
-    RTCRtpTransceiver,
-    RTCSessionDescription,
     VideoStreamTrack,
 )
 from aiortc.mediastreams import (
@@ -48,31 +45,21 @@ from facecast.errors import FacecastError
 from facecast.live.slots import Closed, LatestSlot
 from facecast.live.stats import SessionStats
 from facecast.media.image_io import read_image
-
-
-def _with_loopback_fallback(find: Callable[[bool, bool], list[str]]) -> Callable:
-    """aioice gathers host candidates from every interface except loopback. On a host or
-    container that has nothing else (CI sandboxes, a network namespace), it would offer no
-    candidate at all and no browser could connect; there, offer 127.0.0.1."""
-
-    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        found = find(use_ipv4, use_ipv6)
-        return found or (["127.0.0.1"] if use_ipv4 else [])
-
-    host_addresses.facecast_fallback = True  # type: ignore[attr-defined]
-    return host_addresses
-
-
-if not getattr(aioice_ice.get_host_addresses, "facecast_fallback", False):
-    aioice_ice.get_host_addresses = _with_loopback_fallback(aioice_ice.get_host_addresses)
+from facecast.webrtc.peer import (
+    CLOSE_TIMEOUT,
+    BadOfferError,
+    close_quietly,
+    end_on_connection_loss,
+    set_offer,
+    timed,
+    video_transceiver,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 4
 IDLE_TIMEOUT = 10.0  # seconds without a camera frame before a session is closed
 REPEAT_AFTER = 0.5  # seconds without a new swapped frame before the last one is sent again
-CLOSE_TIMEOUT = 5.0  # for each step of closing a session
-NEGOTIATE_TIMEOUT = 15.0  # reading the offer and gathering our candidates (STUN may be slow)
 MAX_SDP = 64 * 1024
 SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -82,21 +69,12 @@ class SessionLimitError(FacecastError):
     """As many sessions as allowed are open."""
 
 
-class BadOfferError(FacecastError):
-    """The SDP offer cannot be answered (malformed, no video, not sendrecv)."""
-
-
 class UnknownSessionError(FacecastError):
     """No open session has that id."""
 
 
 class UnknownFaceError(FacecastError):
     """No sample face has that name."""
-
-
-class NegotiationTimeout(FacecastError):
-    """The answer could not be made in time (the server is overloaded, or a STUN server
-    does not answer)."""
 
 
 EndCallback = Callable[["WebSession", str], None]
@@ -413,17 +391,17 @@ class WebSessions:
         session = WebSession(secrets.token_urlsafe(12), pc, engine, face, self.idle_timeout)
         try:
             await set_offer(pc, sdp)
-            video = _video_transceiver(pc.getTransceivers())
+            video = video_transceiver(pc.getTransceivers())
             video.sender.replaceTrack(session.track)
             video.direction = "sendrecv"
-            await _timed(pc.setLocalDescription(await pc.createAnswer()))
+            await timed(pc.setLocalDescription(await pc.createAnswer()))
             if video.currentDirection != "sendrecv":
                 raise BadOfferError(
                     "the offer's video must be sendrecv (camera in, swapped video back), "
                     f"not {video.currentDirection}"
                 )
         except BaseException:
-            await _close_quietly(pc)
+            await close_quietly(pc)
             raise
 
         end_on_connection_loss(pc, lambda reason: self._end(session, reason))
@@ -505,51 +483,3 @@ class WebSessions:
 
     def set_swapping(self, session_id: str, enabled: bool) -> None:
         self.get(session_id).swapping = enabled
-
-
-def _video_transceiver(transceivers: list[RTCRtpTransceiver]) -> RTCRtpTransceiver:
-    """The offer's first video transceiver; every other one is answered inactive, so no
-    media comes that nobody reads."""
-    video = None
-    for transceiver in transceivers:
-        if transceiver.kind == "video" and video is None:
-            video = transceiver
-        else:
-            transceiver.direction = "inactive"
-    if video is None:
-        raise BadOfferError("the offer has no video")
-    return video
-
-
-def end_on_connection_loss(pc: RTCPeerConnection, end: Callable[[str], None]) -> None:
-    """``end(reason)`` once ``pc`` fails or closes (the peer left, or ICE/DTLS broke)."""
-
-    @pc.on("connectionstatechange")
-    def on_state() -> None:
-        if pc.connectionState in ("failed", "closed"):
-            end(f"connection {pc.connectionState}")
-
-
-async def set_offer(pc: RTCPeerConnection, sdp: str) -> None:
-    """``pc``'s remote description from an SDP offer: BadOfferError (in words) for one
-    aiortc cannot use, NegotiationTimeout if it takes too long."""
-    try:
-        await _timed(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")))
-    except NegotiationTimeout:
-        raise
-    except Exception as exc:  # aiortc raises several kinds for a malformed offer
-        raise BadOfferError(f"cannot use the offer: {exc}") from None
-
-
-async def _timed(step: Awaitable[None]) -> None:
-    try:
-        await asyncio.wait_for(step, NEGOTIATE_TIMEOUT)
-    except TimeoutError:
-        raise NegotiationTimeout(
-            f"could not answer the offer within {NEGOTIATE_TIMEOUT:.0f} s: try again"
-        ) from None
-
-
-async def _close_quietly(pc: RTCPeerConnection) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(pc.close(), CLOSE_TIMEOUT)

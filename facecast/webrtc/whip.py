@@ -1,4 +1,5 @@
-"""WHIP in and WHEP out (RFC 9725 and its egress twin) for ``facecast serve``.
+"""WHIP in (RFC 9725) for ``facecast serve``, and the SDP-over-HTTP pieces WHIP, WHEP
+(``webrtc/whep.py``) and whip-listen (``webrtc/listen.py``) share.
 
 **WHIP**: a publisher (OBS 30+, a browser, any WebRTC stack that speaks RFC 9725) POSTs
 an SDP offer to ``/whip/KEY``. Its video is relayed into the service's own ingest as an
@@ -9,12 +10,6 @@ ffmpeg process fed raw frames (newest only) on its stdin, encoding low-latency x
 PyAV in this process, whose RTMP connect holds the GIL while nginx asks this very process
 (the publish hook) whether the key may publish. ``DELETE`` on the session's ``Location``
 ends it; so does the peer connection failing or the track ending.
-
-**WHEP**: a viewer POSTs an offer to ``/whep/KEY`` and gets ``swapped/KEY`` as WebRTC. One
-reader per key (a thread playing the ingest's RTMP output) hands every viewer the same
-H.264 packets, which aiortc packetises as they are: one encode, the pipeline's, however
-many watch. A viewer's queue is bounded: one that falls behind skips to the next keyframe
-instead of queueing. The last viewer leaving stops the key's reader.
 
 Everything aiortc touches runs on the HTTP server's event loop; the RTMP relay and readers
 run on threads of their own, and every wait on the way has a timeout.
@@ -39,22 +34,15 @@ from typing import Any
 import av
 import cv2
 import numpy as np
-from aiortc import RTCPeerConnection, RTCRtpSender
+from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from fastapi import HTTPException, Request, Response
 
 from facecast.errors import FacecastError
 from facecast.live.slots import DropOldestQueue, LatestSlot
 from facecast.serve.app import read_limited
-from facecast.webrtc.page import (
-    BadOfferError,
-    NegotiationTimeout,
-    _close_quietly,
-    _timed,
-    _video_transceiver,
-    end_on_connection_loss,
-    set_offer,
-)
+from facecast.webrtc import peer
+from facecast.webrtc.peer import BadOfferError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +78,7 @@ def check_offer(sdp: str) -> None:
 
 
 def _first_audio(transceivers: list[Any]) -> Any | None:
-    """The offer's first audio transceiver (``_video_transceiver`` left it inactive)."""
+    """The offer's first audio transceiver (``video_transceiver`` left it inactive)."""
     return next((t for t in transceivers if t.kind == "audio"), None)
 
 
@@ -141,7 +129,7 @@ async def accept_post() -> Response:
 
 
 async def _finish_answer(pc: RTCPeerConnection) -> str:
-    await _timed(pc.setLocalDescription(await pc.createAnswer()))
+    await peer.timed(pc.setLocalDescription(await pc.createAnswer()))
     return pc.localDescription.sdp
 
 
@@ -192,10 +180,10 @@ class WhipIngest:
         pc = RTCPeerConnection()
         session = WhipSession(secrets.token_urlsafe(12), key, pc)
         try:
-            await set_offer(pc, sdp)
+            await peer.set_offer(pc, sdp)
             # the offer's first video, received, and with take_audio its first audio; the
             # rest answered inactive, as the browser page does
-            video = _video_transceiver(pc.getTransceivers())
+            video = peer.video_transceiver(pc.getTransceivers())
             video.direction = "recvonly"
             audio = _first_audio(pc.getTransceivers()) if self.take_audio else None
             if audio is not None:
@@ -203,10 +191,10 @@ class WhipIngest:
                 session.audio = DropOldestQueue(AUDIO_CHUNKS)
             answer = await _finish_answer(pc)
         except BaseException:
-            await _close_quietly(pc)
+            await peer.close_quietly(pc)
             raise
 
-        end_on_connection_loss(pc, lambda reason: self._end(session, reason))
+        peer.end_on_connection_loss(pc, lambda reason: self._end(session, reason))
 
         self._sessions[session.id] = session
         session.reader = asyncio.get_running_loop().create_task(
@@ -268,7 +256,7 @@ class WhipIngest:
         for task in (session.reader, session.audio_reader):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
-        await _close_quietly(session.pc)
+        await peer.close_quietly(session.pc)
         if session.relay is not None:
             await asyncio.to_thread(session.relay.join, 10)
         log.info(
@@ -322,192 +310,6 @@ class RtmpRelay:
 
 
 # ---------------------------------------------------------------------------- WHEP egress
-
-
-class PacketTrack(MediaStreamTrack):
-    """One viewer's video: the key's H.264 packets as they come, for aiortc to packetise
-    without encoding. Bounded: a viewer that lags ``VIEWER_QUEUE`` packets skips to the
-    next keyframe."""
-
-    kind = "video"
-
-    def __init__(self, feed: KeyFeed) -> None:
-        super().__init__()
-        self.feed = feed
-        self.queue: asyncio.Queue[av.Packet | None] = asyncio.Queue()
-        self.skipping = True  # until the first keyframe: nothing decodes before it
-
-    def offer(self, packet: av.Packet, keyframe: bool) -> None:
-        """On the event loop: one packet from the feed."""
-        if self.queue.qsize() >= VIEWER_QUEUE:
-            self.skipping = True
-            while not self.queue.empty():
-                self.queue.get_nowait()
-        if self.skipping and not keyframe:
-            return
-        self.skipping = False
-        self.queue.put_nowait(packet)
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        packet = await self.queue.get()
-        if packet is None:
-            raise MediaStreamError
-        return packet
-
-    def stop(self) -> None:
-        super().stop()
-        self.queue.put_nowait(None)
-        self.feed.leave(self)
-
-
-class KeyFeed:
-    """The reader of one key's ``swapped/KEY``: a thread that plays it from the ingest,
-    turns each packet into Annex B (what RTP's H.264 payload wants) and hands it to every
-    viewer's track on the event loop. Reconnects while viewers remain."""
-
-    def __init__(self, key: str, url: str, loop: asyncio.AbstractEventLoop, on_empty: Any):
-        self.key, self.url, self.loop = key, url, loop
-        self.viewers: set[PacketTrack] = set()
-        self.on_empty = on_empty
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"whep-{key}", daemon=True)
-        self._thread.start()
-
-    def join(self, track: PacketTrack) -> None:
-        self.viewers.add(track)
-
-    def leave(self, track: PacketTrack) -> None:
-        self.viewers.discard(track)
-        if not self.viewers:
-            self._stop.set()
-            self.on_empty(self)
-
-    def _deliver(self, packet: av.Packet, keyframe: bool) -> None:
-        for viewer in list(self.viewers):
-            viewer.offer(packet, keyframe)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._play()
-            except (av.FFmpegError, OSError) as exc:
-                log.debug("WHEP %s: %s (retrying)", self.key, exc)
-            except Exception:
-                log.exception("WHEP %s: reader failed", self.key)
-            self._stop.wait(0.3)
-
-    def _play(self) -> None:
-        options = {"rtmp_live": "live", "fflags": "nobuffer", "analyzeduration": "300000"}
-        with av.open(self.url, options=options, timeout=(READ_TIMEOUT, READ_TIMEOUT)) as src:
-            stream = src.streams.video[0]
-            annexb = av.BitStreamFilterContext("h264_mp4toannexb", stream)
-            for packet in src.demux(stream):
-                if self._stop.is_set():
-                    return
-                for out in annexb.filter(packet):
-                    if out.pts is None:
-                        continue
-                    out.pts = int(out.pts * out.time_base / VIDEO_CLOCK)
-                    out.time_base = VIDEO_CLOCK
-                    self.loop.call_soon_threadsafe(self._deliver, out, out.is_keyframe)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-@dataclass
-class WhepSession:
-    id: str
-    key: str
-    pc: RTCPeerConnection
-    track: PacketTrack
-
-
-class WhepEgress:
-    """Open WHEP sessions, and one ``KeyFeed`` per key that has viewers."""
-
-    def __init__(self, play_url: Callable[[str], str], limit: int = 32) -> None:
-        self.play_url = play_url
-        self.limit = limit
-        self._sessions: dict[str, WhepSession] = {}
-        self._feeds: dict[str, KeyFeed] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None  # the HTTP server's, once known
-
-    async def create(self, key: str, sdp: str) -> tuple[str, str]:
-        check_offer(sdp)
-        if len(self._sessions) >= self.limit:
-            raise BusyKeyError(f"{self.limit} viewers are watching: try again later")
-        loop = self.loop = asyncio.get_running_loop()
-        feed = self._feeds.get(key)
-        if feed is None:
-            feed = self._feeds[key] = KeyFeed(key, self.play_url(key), loop, self._forget)
-        track = PacketTrack(feed)
-        feed.join(track)
-        pc = RTCPeerConnection()
-        session = WhepSession(secrets.token_urlsafe(12), key, pc, track)
-        try:
-            # made before the offer is read, so that the offer's video takes it, with its
-            # codec preference: the packets are H.264 as the pipeline encoded them, and
-            # nothing else can be sent (preferences set later would not reach the answer)
-            video = pc.addTransceiver(track, direction="sendonly")
-            video.setCodecPreferences(
-                [
-                    c
-                    for c in RTCRtpSender.getCapabilities("video").codecs
-                    if c.mimeType == "video/H264" and c.parameters.get("packetization-mode") == "1"
-                ]
-            )
-            await set_offer(pc, sdp)
-            for transceiver in pc.getTransceivers():
-                if transceiver is not video:
-                    transceiver.direction = "inactive"
-            answer = await _finish_answer(pc)
-        except BaseException as exc:
-            track.stop()
-            await _close_quietly(pc)
-            if isinstance(exc, (BadOfferError, NegotiationTimeout)) or not isinstance(
-                exc, Exception
-            ):
-                raise
-            raise BadOfferError(f"cannot answer the offer: {exc}") from None
-
-        end_on_connection_loss(pc, lambda _reason: self._end(session))
-
-        self._sessions[session.id] = session
-        log.info("WHEP %s: viewer on %s (%d on it)", session.id, key, len(feed.viewers))
-        return session.id, answer
-
-    def _forget(self, feed: KeyFeed) -> None:
-        if self._feeds.get(feed.key) is feed:
-            del self._feeds[feed.key]
-
-    def _end(self, session: WhepSession) -> None:
-        if self._sessions.pop(session.id, None) is not None:
-            asyncio.get_running_loop().create_task(self._close(session))
-
-    async def close(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise UnknownSessionError(f"no WHEP session {session_id!r}")
-        await self._close(session)
-
-    async def _close(self, session: WhepSession) -> None:
-        session.track.stop()
-        await _close_quietly(session.pc)
-        log.info("WHEP %s: viewer of %s left", session.id, session.key)
-
-    async def close_all(self) -> None:
-        for session_id in list(self._sessions):
-            with contextlib.suppress(UnknownSessionError):
-                await self.close(session_id)
-        for feed in list(self._feeds.values()):
-            feed.stop()
-        self._feeds.clear()
-
-    def viewers(self, key: str) -> int:
-        return sum(1 for s in self._sessions.values() if s.key == key)
 
 
 class FfmpegRelay:
