@@ -64,7 +64,7 @@ from facecast.bench.capacity_rig import (
     tail,
 )
 from facecast.bench.handoff import measure_handoff
-from facecast.bench.swap import machine, update_docs, write_results
+from facecast.bench.swap import loopable_args, machine, update_docs, write_results
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError, MediaError
 from facecast.serve.profiles import Profile, stream_settings
@@ -83,15 +83,16 @@ Progress = Callable[[str], None]
 
 
 def prepare_input(clip: Path, width: int, height: int, folder: Path) -> Path:
-    """The clip at width x height, 30 fps, a keyframe every GOP frames, audio copied: what
-    the publishers loop. Made once per run with ffmpeg."""
+    """The clip at width x height, 30 fps, a keyframe every GOP frames, video and audio
+    starting together (``loopable_args``): what the publishers loop. Made once per run with
+    ffmpeg."""
     out = folder / f"{clip.stem}_{width}x{height}_{INPUT_FPS}fps_g{GOP}.mp4"
     cmd = [
         "ffmpeg", "-v", "error", "-y", "-i", str(clip),
-        "-vf", f"scale={width}:{height},fps={INPUT_FPS}",
+        "-vf", f"scale={width}:{height},fps={INPUT_FPS},setpts=PTS-STARTPTS",
         "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
         "-g", str(GOP), "-keyint_min", str(GOP), "-sc_threshold", "0",
-        "-c:a", "copy", str(out),
+        *loopable_args(clip), str(out),
     ]  # fmt: skip
     try:
         subprocess.run(cmd, check=True, timeout=300, capture_output=True)

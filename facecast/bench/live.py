@@ -47,6 +47,7 @@ from facecast.config import StreamSettings
 from facecast.engine.pipeline import SwapEngine
 from facecast.engine.timing import StageClock
 from facecast.errors import MediaError
+from facecast.live.cpu import cores_used, cpu_by_role
 from facecast.live.pipeline import LivePipeline, engine_options
 from facecast.live.probe import LatencyProbe
 from facecast.media.frame import AudioChunk, Frame
@@ -130,7 +131,10 @@ def run_pipeline(clip: Path, face: Path, seconds: float, paced: bool) -> dict[st
     window = Window()
     marks: dict[str, int] = {}
 
+    cpu: dict[str, dict[str, float]] = {}
+
     def end_warmup() -> None:
+        cpu["start"] = cpu_by_role()
         stats.latency.clear()
         marks.update(
             out=stats.frames_out,
@@ -139,13 +143,24 @@ def run_pipeline(clip: Path, face: Path, seconds: float, paced: bool) -> dict[st
         )
         window.started = time.monotonic()
 
+    stop = threading.Event()
+
+    def end_window() -> None:
+        # read while the pipeline's threads still run: an ended thread's time is not listed
+        cpu["end"] = cpu_by_role()
+        cpu["seconds"] = {"window": time.monotonic() - window.started}
+        stop.set()
+
     warmup = threading.Timer(WARMUP_S, end_warmup)
+    ending = threading.Timer(WARMUP_S + seconds, end_window)
     warmup.start()
+    ending.start()
     try:
-        with _timed_stop(WARMUP_S + seconds) as stop:
-            pipeline.run(stop)
+        pipeline.run(stop)
     finally:
         warmup.cancel()
+        ending.cancel()
+        stop.set()
     window.ended = time.monotonic()
     window.latencies = list(stats.latency)
     window.frames_out = stats.frames_out - marks.get("out", 0)
@@ -157,6 +172,11 @@ def run_pipeline(clip: Path, face: Path, seconds: float, paced: bool) -> dict[st
         "faces_swapped_whole_run": stats.faces_swapped,
         "process_ms": stats.clock.mean_ms("process"),
         "output_ms": stats.clock.mean_ms("output"),
+        "cores": (
+            cores_used(cpu["start"], cpu["end"], cpu["seconds"]["window"])
+            if "end" in cpu and "start" in cpu
+            else {}
+        ),
     }
 
 
@@ -363,7 +383,7 @@ def run_live_bench(
     glass: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="facecast-bench-live-") as tmp:
         work = Path(tmp)
-        clip720 = scaled_copy(clip, 1280, 720, work)
+        clip720 = scaled_copy(clip, 1280, 720, work, loopable=True)
 
         def measure(name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
             console.print(f"bench live: {name} ({WARMUP_S + seconds:.0f} s)")

@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import av
 from rich.console import Console
 from rich.table import Table
 
@@ -28,32 +29,41 @@ from facecast.media.source import VideoFileSource
 SWAP_STAGES = ("decode", "detect", "mesh", "swap", "blend", "label", "encode")
 
 
-def scaled_copy(clip: Path, width: int, height: int, folder: Path) -> Path:
-    """The clip re-encoded at width x height (audio copied), made once per run with ffmpeg."""
-    out = folder / f"{clip.stem}_{width}x{height}.mp4"
+def video_start(clip: Path) -> float:
+    """Seconds from the file's start to its first video frame (the sample clip's video
+    starts 0.85 s after its audio)."""
+    with av.open(str(clip)) as container:
+        video = container.streams.video[0]
+        if video.start_time is None or video.time_base is None:
+            return 0.0
+        return max(0.0, float(video.start_time * video.time_base))
+
+
+def loopable_args(clip: Path) -> list[str]:
+    """ffmpeg output options that start video and audio together at 0: the audio before
+    the first video frame is cut (re-encoded to AAC). A clip looped as a live input must
+    not have a stretch of sound without pictures: the sample clip's 0.85 s gave every
+    10 s loop a 0.84 s hole, which the live benchmarks read as frames the swap lost."""
+    start = video_start(clip)
+    return [
+        "-af", f"atrim=start={start:.6f},asetpts=PTS-STARTPTS", "-c:a", "aac", "-b:a", "128k",
+    ]  # fmt: skip
+
+
+def scaled_copy(clip: Path, width: int, height: int, folder: Path, loopable: bool = False) -> Path:
+    """The clip re-encoded at width x height, made once per run with ffmpeg; audio copied,
+    or with ``loopable`` cut to start with the video (see ``loopable_args``)."""
+    out = folder / f"{clip.stem}_{width}x{height}{'_loop' if loopable else ''}.mp4"
+    scale = f"scale={width}:{height}" + (",setpts=PTS-STARTPTS" if loopable else "")
+    audio = loopable_args(clip) if loopable else ["-c:a", "copy"]
     cmd = [
-        "ffmpeg",
-        "-v",
-        "error",
-        "-y",
-        "-i",
-        str(clip),
-        "-vf",
-        f"scale={width}:{height}",
+        "ffmpeg", "-v", "error", "-y", "-i", str(clip), "-vf", scale,
         # keep the clip's frames as they are: by default ffmpeg pads a video that starts
         # after its audio with copies of the first frame (25 more on the sample clip)
-        "-fps_mode",
-        "passthrough",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "veryfast",
-        "-crf",
-        "18",
-        "-c:a",
-        "copy",
-        str(out),
-    ]
+        "-fps_mode", "passthrough",
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
+        *audio, str(out),
+    ]  # fmt: skip
     try:
         subprocess.run(cmd, check=True, timeout=300, capture_output=True)
     except (OSError, subprocess.SubprocessError) as exc:
