@@ -26,6 +26,7 @@ import numpy as np
 from facecast.config import StreamSettings
 from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.errors import FacecastError
+from facecast.live.budget import running
 from facecast.live.rate import RATE_LEVELS, RateController
 from facecast.live.slots import Closed, DropOldestQueue, LatestSlot
 from facecast.live.stats import LiveStats
@@ -100,7 +101,12 @@ class LivePipeline:
 
     def run(self, stop: threading.Event) -> LiveStats:
         """Run until ``stop`` is set (or a non-live input ends); then flush and close the
-        output. Returns the stats."""
+        output. Returns the stats. Counted as a live stream meanwhile (``live/budget.py``:
+        the thread budgets of every stream in this process follow the count)."""
+        with running():
+            return self._run(stop)
+
+    def _run(self, stop: threading.Event) -> LiveStats:
         threads = [
             threading.Thread(target=self._guard, args=(self._ingest, stop), name=f"{self.name}-in"),
             threading.Thread(

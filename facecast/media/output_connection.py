@@ -40,6 +40,7 @@ import av.bitstream
 import av.container
 
 from facecast.errors import MediaError
+from facecast.live.budget import encoder_budget
 from facecast.media.audio_params import AudioParams
 from facecast.media.h264 import with_trailing_aud
 from facecast.media.live_errors import describe
@@ -227,7 +228,8 @@ class Connection:
 
     def _add_video(self, out: av.container.OutputContainer) -> av.VideoStream:
         enc = self.encoder
-        options = {"preset": enc.preset}
+        # the encoder's share of the cores, taken when this connection opens (live/budget.py)
+        options = {"preset": enc.preset, "threads": str(encoder_budget())}
         if enc.tune:
             options["tune"] = enc.tune
         # A bounded send rate: VBV with a 1 s buffer, for ABR and capped CRF alike.
