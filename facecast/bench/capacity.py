@@ -64,7 +64,13 @@ from facecast.bench.capacity_rig import (
     tail,
 )
 from facecast.bench.handoff import measure_handoff
-from facecast.bench.swap import loopable_args, machine, update_docs, write_results
+from facecast.bench.swap import (
+    loopable_args,
+    machine,
+    make_with_ffmpeg,
+    update_docs,
+    write_results,
+)
 from facecast.config import StreamSettings
 from facecast.errors import FacecastError, MediaError
 from facecast.serve.profiles import Profile, stream_settings
@@ -94,12 +100,7 @@ def prepare_input(clip: Path, width: int, height: int, folder: Path) -> Path:
         "-g", str(GOP), "-keyint_min", str(GOP), "-sc_threshold", "0",
         *loopable_args(clip), str(out),
     ]  # fmt: skip
-    try:
-        subprocess.run(cmd, check=True, timeout=300, capture_output=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise MediaError(
-            f"cannot make the {width}x{height} bench input with ffmpeg: {exc}"
-        ) from exc
+    make_with_ffmpeg(cmd, f"the {width}x{height} bench input")
     return out
 
 

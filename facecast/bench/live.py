@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from facecast.bench.swap import machine, scaled_copy, update_docs, write_results
+from facecast.bench.handoff import stop_process
+from facecast.bench.swap import (
+    machine,
+    make_with_ffmpeg,
+    scaled_copy,
+    update_docs,
+    write_results,
+)
 from facecast.bench.webrtc import whip_to_whep
 from facecast.config import StreamSettings
 from facecast.engine.pipeline import SwapEngine
@@ -235,10 +243,7 @@ def retimed_copy(clip: Path, speed: float, folder: Path) -> Path:
         "-vf", f"setpts=PTS/{speed:.4f}", "-r", f"{rate:.3f}",
         "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", str(out),
     ]  # fmt: skip
-    try:
-        subprocess.run(cmd, check=True, timeout=300, capture_output=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise MediaError(f"cannot make the x{speed:.2f} bench clip with ffmpeg: {exc}") from exc
+    make_with_ffmpeg(cmd, f"the x{speed:.2f} bench clip")
     return out
 
 
@@ -249,15 +254,6 @@ def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as sink:
         return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def glass_to_glass(
@@ -322,7 +318,7 @@ def _probe_through(
         probe = LatencyProbe(url_in, url_out, read_image(face), size, 30.0, warmup=WARMUP_S)
         result = probe.run(lead + WARMUP_S + seconds)
     finally:
-        _stop(proc)
+        stop_process(proc, (signal.SIGTERM, signal.SIGKILL), timeout=10.0)
     return result.summary()
 
 
@@ -331,14 +327,20 @@ def _probe_through(
 
 def live_table(result: dict[str, Any]) -> str:
     rows = [
-        "| run | fps out | latency p50 ms | p99 ms | max ms | dropped |",
-        "|---|---|---|---|---|---|",
+        "| run | fps out | latency p50 ms | p99 ms | max ms | dropped | cores |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, run in result["runs"].items():
+        cores = run.get("cores", {}).get("total")
         rows.append(
             f"| {name} | {run['fps_out']:.1f} | {run['p50_ms']:.0f} | {run['p99_ms']:.0f} | "
-            f"{run['max_ms']:.0f} | {run['dropped']} |"
+            f"{run['max_ms']:.0f} | {run['dropped']} | {'-' if cores is None else cores} |"
         )
+    paced = next(iter(result["runs"].values()), {}).get("cores", {})
+    if paced:
+        rows += ["", "| where the cores go (first run: one 720p30 stream, paced) | cores |"]
+        rows.append("|---|---|")
+        rows += [f"| {role} | {value} |" for role, value in paced.items()]
     rows += ["", "| glass to glass (probe, loopback) | p50 ms | p95 ms | p99 ms | frames |"]
     rows.append("|---|---|---|---|---|")
     for name, run in result["glass"].items():

@@ -29,6 +29,15 @@ from facecast.media.source import VideoFileSource
 SWAP_STAGES = ("decode", "detect", "mesh", "swap", "blend", "label", "encode")
 
 
+def make_with_ffmpeg(cmd: list[str], what: str) -> None:
+    """Run one ffmpeg command that writes a bench input; MediaError naming ``what`` if it
+    cannot."""
+    try:
+        subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise MediaError(f"cannot make {what} with ffmpeg: {exc}") from exc
+
+
 def video_start(clip: Path) -> float:
     """Seconds from the file's start to its first video frame (the sample clip's video
     starts 0.85 s after its audio)."""
@@ -64,10 +73,7 @@ def scaled_copy(clip: Path, width: int, height: int, folder: Path, loopable: boo
         "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
         *audio, str(out),
     ]  # fmt: skip
-    try:
-        subprocess.run(cmd, check=True, timeout=300, capture_output=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise MediaError(f"cannot make the {width}x{height} bench clip with ffmpeg: {exc}") from exc
+    make_with_ffmpeg(cmd, f"the {width}x{height} bench clip")
     return out
 
 
