@@ -1,5 +1,8 @@
 """``facecast bench capacity``: how many live streams one worker process carries.
 
+(A little over 500 lines on purpose: measuring a run, searching the stream counts and
+reporting them share one record format; the rig it runs on is in ``capacity_rig.py``.)
+
 A worker runs several stream pipelines in one process (``StreamManager``, the live pipeline
 of ``facecast.live.pipeline``), each reading ``live/KEY`` from the ingest server over RTMP and
 publishing ``swapped/KEY`` back. This bench does exactly that, on this machine:
