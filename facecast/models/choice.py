@@ -7,7 +7,7 @@ beside another on a user model.
 
 A user model is named by its family (``inswapper``) or by its file (``inswapper_128`` or
 ``inswapper_128.onnx``) and is looked up in the models folder (``--models-dir`` or
-``FACECAST_MODELS_DIR``) by ``usermodels``.
+``FACECAST_MODELS_DIR``) by ``models/user.py``.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class LearnedSwapper:
         family: str | None = None,
         converter: OnnxModel | None = None,
     ) -> None:
-        """``family``: the model's family (``usermodels`` identifies it); None reads it from
+        """``family``: the model's family (``models/user.py`` identifies it); None reads it from
         the signature where that is unambiguous. ``recogniser``: the ArcFace model for the
         families whose source is an embedding; ``converter``: the embedding converter for
         those that need one (ghost, simswap, hififace).
