@@ -1,0 +1,78 @@
+"""Where the swap does not touch a frame, the output is what a plain transcode of the same
+frames gives, within the encoder's own noise (issue 20, point 4).
+
+The sample clip is swapped (label off: the label is drawn outside the faces on purpose) and
+also transcoded with nothing done to it, through the same decoder, conversion and encoder
+settings. Outside every face the analyser finds on the original frames (boxes grown by a
+third), the two outputs may differ only as much as an encoder's choices move pixels: less
+than the transcode itself differs from the original."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from facecast.engine.files import swap_video_file
+from facecast.engine.pipeline import EngineOptions
+from facecast.faces.analyse import FaceAnalyser
+from facecast.media.sink import transcode
+
+from .conftest import MEDIA
+
+GROW = 0.35  # of the face box, each side: hair, ears and the swap's feathered edge
+FAR = 40  # levels: beyond what the encoder's different choices move a pixel
+FAR_SHARE = 0.006  # of the pixels outside the faces, in the worst frame (label: ~0.9 %)
+
+
+def decoded(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)]
+
+
+def outside_faces(analyser: FaceAnalyser, image: np.ndarray) -> np.ndarray:
+    mask = np.ones(image.shape[:2], bool)
+    for face in analyser.analyse(image):
+        x0, y0, x1, y1 = face.box
+        w, h = x1 - x0, y1 - y0
+        top, left = max(0, int(y0 - GROW * h)), max(0, int(x0 - GROW * w))
+        mask[top : int(y1 + GROW * h), left : int(x1 + GROW * w)] = False
+    return mask
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", [False, True])
+def test_pixels_the_swap_does_not_touch_match_a_plain_transcode(tmp_path, label):
+    clip = MEDIA / "short_hamilton_clip.mp4"
+    ours, plain = tmp_path / "ours.mp4", tmp_path / "plain.mp4"
+    swap_video_file(MEDIA / "obama.jpg", clip, ours, EngineOptions(label=label))
+    transcode(clip, plain, lambda frame: None)
+    original, swapped, transcoded = decoded(clip), decoded(ours), decoded(plain)
+    assert len(original) == len(swapped) == len(transcoded)
+
+    analyser = FaceAnalyser()
+    ours_vs_plain, noise, far = [], [], []
+    for o, s, p in zip(original, swapped, transcoded, strict=True):
+        keep = outside_faces(analyser, o)
+        diff = np.abs(s.astype(np.int16) - p)
+        ours_vs_plain.append(diff[keep].mean())
+        noise.append(np.abs(p.astype(np.int16) - o)[keep].mean())
+        # pixels far off (more than an encoder's choices move them): what was drawn there
+        far.append((diff.max(axis=2) > FAR)[keep].mean())
+    mean_diff, mean_noise = float(np.mean(ours_vs_plain)), float(np.mean(noise))
+    worst_far = float(max(far))
+    print(
+        f"label={label}: outside the faces, |swapped - plain transcode| {mean_diff:.2f} "
+        f"(worst frame {max(ours_vs_plain):.2f}); the encoder's own noise "
+        f"|plain transcode - original| {mean_noise:.2f}; pixels more than {FAR} off: "
+        f"{100 * float(np.mean(far)):.2f} % (worst frame {100 * worst_far:.2f} %)"
+    )
+    if label:
+        # the visible label is the one thing drawn outside the faces: the check sees it
+        assert worst_far > FAR_SHARE
+    else:
+        assert mean_diff < mean_noise
+        assert max(ours_vs_plain) < 2 * mean_noise
+        assert worst_far < FAR_SHARE
