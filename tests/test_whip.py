@@ -80,6 +80,9 @@ def service(tmp_path):
     svc.stop()
 
 
+SETTLE_S = 3.0  # seconds of a new WHIP stream left out of the identity check
+
+
 def api(svc: Service, path: str) -> str:
     return f"http://127.0.0.1:{svc.http_port}{path}"
 
@@ -157,7 +160,11 @@ def test_ffmpegs_whip_muxer_publishes_a_face_that_comes_out_swapped(
         # swapped/cam exists once the relay has published and the pipeline started: before,
         # nginx refuses to play it
         wait_for_stream(service.ingest.rtmp_url("swapped", "cam"), timeout=40)
-        frames = grab_face_frames(service.ingest.rtmp_url("swapped", "cam"), analyser, 6, 40)
+        # judged once the stream has settled: under a loaded CI its first second or two swap
+        # weakly (seen: ten frames nearer nobody, then clearly the source; the closing note
+        # of stop 25 has the figures), and the test is about the path, not its start-up
+        time.sleep(SETTLE_S)
+        frames = grab_face_frames(service.ingest.rtmp_url("swapped", "cam"), analyser, 8, 40)
         publisher.send_signal(signal.SIGTERM)
         assert publisher.wait(30) == 0, log.read_text()[-3000:]
     finally:
