@@ -84,15 +84,26 @@ def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[int | None,
 _ANALYSING = threading.Lock()
 
 
-def grab_face_frames(url: str, analyser, n: int, timeout: float) -> list:
+# The sample clip's singer fills 12-16 % of the frame's width in the shots that show him
+# alone; the audience scene's one-face frames are small profiles (9-11 %).
+SINGER_WIDTH = 0.12
+
+
+def grab_face_frames(url: str, analyser, n: int, timeout: float, min_width: float = 0.0) -> list:
     """``n`` frames of a live URL that show one face: the clip's singer, facing the camera.
     Its faceless stretch is skipped, and so is its audience scene, whose small profiles judge
-    identity poorly (the largest of them, half swapped in profile, is nearest nobody). Grabs
+    identity poorly (the largest of them, half swapped in profile, is nearest nobody); with
+    ``min_width`` (of the frame's width, e.g. ``SINGER_WIDTH``) so are faces smaller than
+    that, which a frame of the audience with one face detected would slip through. Grabs
     may run on several threads at once (``in_parallel``): one analysis at a time."""
 
     def one_face(image) -> bool:
         with _ANALYSING:
-            return len(analyser.analyse(image)) == 1
+            faces = analyser.analyse(image)
+        if len(faces) != 1:
+            return False
+        x0, _, x1, _ = faces[0].box
+        return (x1 - x0) >= min_width * image.shape[1]
 
     return grab_frames(url, n, timeout, keep=one_face)
 
