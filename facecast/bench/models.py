@@ -61,13 +61,6 @@ def feeds_for(model: OnnxModel, found: FoundModel) -> dict[str, np.ndarray]:
     return feeds
 
 
-def swapper_size(found: FoundModel) -> int:
-    """A swapper's crop size, from its "target" input (128 when the file leaves it open)."""
-    target = next((t for t in found.inputs if t.name == "target"), None)
-    size = target.shape[-1] if target is not None and target.shape else None
-    return size if isinstance(size, int) and size > 0 else 128
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -99,7 +92,7 @@ def time_model(found: FoundModel, provider: ProviderName, iterations: int) -> di
         "iterations": iterations,
     }
     if found.kind == "swapper":
-        own = swapper_size(found)  # 128 for inswapper, 256 or 512 for the others
+        own = found.swapper_size  # 128 for inswapper, 256 or 512 for the others
         row["ms_per_face_by_swap_size"] = {
             str(size): row["ms_mean"] * (size // own) ** 2
             for size in SWAP_SIZES

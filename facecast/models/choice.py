@@ -159,8 +159,7 @@ def load_learned_swapper(choice: ModelChoice, swap_options: SwapOptions | None) 
 
     model, found = open_model(choice, "swapper", choice.swapper)
     family = found.family
-    size = LearnedSwapper.model_size(model)
-    convention = convention_for(family or "", size)
+    convention = convention_for(family or "", found.swapper_size)
     arcface = None
     if convention is None or convention.needs_recogniser:
         # the identity input is an ArcFace embedding, whatever recognises identities

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from facecast.models.runtime import ModelFileError, fixed_dim, load_onnx
-from facecast.swap.conventions import CONVERTED
+from facecast.swap.conventions import CONVERTED, families_for
 from facecast.swap.conventions import FAMILIES as SWAPPER_FAMILIES
 
 Kind = Literal["swapper", "recogniser", "detector", "enhancer", "converter"]
@@ -118,19 +118,18 @@ def _swapper_family(ins: Sequence[Tensor], outs: Sequence[Tensor], stem: str) ->
     size = target.shape[2]
     if not is_static(size) or target.shape[3] != size or not fits(outs[0], ANY, 3, size, size):
         return None
-    if fits(source, ANY, 3, 112, 112) and size == 256:
-        return "blendswap"
-    if fits(source, ANY, 3, 256, 256) and size == 256:
-        return "uniface"
-    if not fits(source, ANY, 512):
+    if source is None or source.shape is None:
         return None
-    if size == 128:
-        return "inswapper" if len(outs) == 1 else None
-    if size == 512:
-        return "simswap"
-    if size == 256:
-        return _family_in_name(stem, ("hyperswap", "simswap", "ghost", "hififace")) or ""
-    return None
+    if len(source.shape) == 4 and not fits(source, ANY, 3, ANY, ANY):
+        return None
+    if len(source.shape) == 2 and not fits(source, ANY, 512):
+        return None
+    families = families_for(size, source.shape)
+    if len(families) > 1:
+        return _family_in_name(stem, families) or ""
+    if families == ("inswapper",) and len(outs) != 1:
+        return None
+    return families[0] if families else None
 
 
 def _family_in_name(stem: str, families: Sequence[str]) -> str | None:

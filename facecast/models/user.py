@@ -142,6 +142,14 @@ class FoundModel:
     reason: str | None = None
 
     @property
+    def swapper_size(self) -> int:
+        """A swapper's crop size, from its "target" input (128, inswapper's, when the file
+        leaves it open)."""
+        target = next((t for t in self.inputs if t.name == "target"), None)
+        size = target.shape[-1] if target is not None and target.shape else None
+        return size if isinstance(size, int) and size > 0 else 128
+
+    @property
     def recognised(self) -> bool:
         return self.kind is not None
 

@@ -22,6 +22,7 @@ checks this table against them, written out independently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,6 +109,23 @@ def convention_for(family: str, size: int) -> Convention | None:
         if convention.family == family and convention.size == size:
             return convention
     return None
+
+
+def families_for(size: int, source_shape: Sequence[object]) -> tuple[str, ...]:
+    """The families whose exports take a ``size`` px target and a "source" of this shape
+    (a 4-D face crop, its size in ``source_shape[2]``, or a 2-D identity vector): one where
+    the inputs tell the family, several where only the file's name can (at 256 px with a
+    vector: hyperswap, simswap, ghost, hififace), none for a shape no family has."""
+    crop = len(source_shape) == 4
+
+    def takes(c: Convention) -> bool:
+        if c.size != size or (c.source == "crop") != crop:
+            return False
+        return not crop or c.source_size == source_shape[2] == source_shape[3]
+
+    if len(source_shape) not in (2, 4):
+        return ()
+    return tuple(dict.fromkeys(c.family for c in CONVENTIONS if takes(c)))
 
 
 def sizes_of(family: str) -> tuple[int, ...]:

@@ -47,6 +47,7 @@ from facecast.swap.conventions import (
     FAMILIES,
     Convention,
     convention_for,
+    families_for,
     sizes_of,
     source_blob,
 )
@@ -163,11 +164,6 @@ class LearnedSwapper:
         return self.convention.family
 
     @staticmethod
-    def model_size(model: OnnxModel) -> int:
-        """The crop size ``model`` was made for (after checking its signature)."""
-        return LearnedSwapper._check_signature(model)[0]
-
-    @staticmethod
     def _check_signature(model: OnnxModel) -> tuple[int, list, str]:
         """(crop size, the "source" input's shape, output name), or a ModelFileError saying
         what differs."""
@@ -200,16 +196,18 @@ class LearnedSwapper:
     @staticmethod
     def _family_from_signature(model: OnnxModel, size: int, source: list) -> str:
         """The family where the inputs alone tell it; else an error asking for it."""
-        if len(source) == 4:  # an image: blendswap's 112 px source crop, uniface's 256
-            return "blendswap" if fixed_dim(source[2]) == 112 else "uniface"
-        if size == 128:
-            return "inswapper"
-        if size == 512:
-            return "simswap"
+        families = families_for(size, source)
+        if len(families) == 1:
+            return families[0]
+        if not families:
+            raise ModelFileError(
+                f"{model.path.name}: no swapper family takes a {size} px target with a "
+                f"source of shape {source} (families: {', '.join(FAMILIES)})"
+            )
         raise ModelFileError(
-            f"{model.path.name}: a {size} px swapper with an embedding input: hyperswap, "
-            "simswap, ghost and hififace all look like this; name the family (a file name "
-            "that starts with it, e.g. hyperswap_1a_256.onnx, or --swapper FAMILY)"
+            f"{model.path.name}: a {size} px swapper with this source input: "
+            f"{', '.join(families)} all look like this; name the family (a file name that "
+            "starts with it, e.g. hyperswap_1a_256.onnx, or --swapper FAMILY)"
         )
 
     def _check_source(self, model: OnnxModel, convention: Convention, shape: list) -> None:
