@@ -62,9 +62,9 @@ class Convention:
 
     def blob(self, crop: np.ndarray) -> np.ndarray:
         """An aligned BGR uint8 crop as the model's "target": 1x3xSxS float32."""
-        rgb = crop[:, :, ::-1].astype(np.float32) * np.float32(1 / 255)
-        scaled = (rgb - np.float32(self.mean)) / np.float32(self.std)
-        return np.ascontiguousarray(scaled.transpose(2, 0, 1)[None], np.float32)
+        mean = np.float32(self.mean).reshape(1, 3, 1, 1)
+        std = np.float32(self.std).reshape(1, 3, 1, 1)
+        return np.ascontiguousarray((rgb_blob(crop) - mean) / std, np.float32)
 
     def image(self, output: np.ndarray) -> np.ndarray:
         """The model's 1x3xSxS output as a BGR uint8 image."""
@@ -75,8 +75,9 @@ class Convention:
         return np.ascontiguousarray(rgb.astype(np.uint8)[:, :, ::-1])
 
 
-def source_blob(crop: np.ndarray) -> np.ndarray:
-    """A source crop as blendswap's and uniface's "source": RGB 0..1, 1x3xSxS."""
+def rgb_blob(crop: np.ndarray) -> np.ndarray:
+    """A BGR uint8 crop as RGB 0..1, 1x3xSxS: blendswap's and uniface's "source" as it is,
+    every family's "target" before its own scaling."""
     rgb = crop[:, :, ::-1].astype(np.float32) * np.float32(1 / 255)
     return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
 

@@ -48,8 +48,8 @@ from facecast.swap.conventions import (
     Convention,
     convention_for,
     families_for,
+    rgb_blob,
     sizes_of,
-    source_blob,
 )
 from facecast.swap.mesh_swapper import MeshSwapper, SwapOptions
 
@@ -261,7 +261,7 @@ class LearnedSwapper:
             size = int(convention.source_size or self.size)
             template = named_template(str(convention.source_template), size)
             crop, _ = align_crop(image, five_points(face), template, size)
-            return SourceInput(source_blob(crop), None)
+            return SourceInput(rgb_blob(crop), None)
         recogniser = self.recogniser
         assert recogniser is not None  # checked at construction
         if convention.needs_converter:
