@@ -29,7 +29,7 @@ from facecast.cli.base import (
 from facecast.cli.options import (
     EngineFlags,
     ReferenceFlag,
-    engine_options,
+    with_engine_options,
 )
 
 
@@ -183,7 +183,7 @@ def run_swap(
 
 
 @app.command()
-@engine_options
+@with_engine_options
 def swap(
     source: Annotated[
         list[Path],
@@ -253,7 +253,7 @@ def swap(
     The face in SOURCE goes onto the chosen faces of TARGET; the result is written to
     OUTPUT with the target's frames, timing and audio.
     """
-    assert engine is not None  # given by engine_options
+    assert engine is not None  # given by with_engine_options
     references = parse_references(reference or [], source[0])
     if engine.require_consent:  # every face put on someone: the sources and the references' own
         check_consent(engine.consent_dir, [*source, *(face for _, face in references)])

@@ -22,13 +22,13 @@ from facecast.cli.files import (
 from facecast.cli.options import (
     EngineFlags,
     ReferenceFlag,
-    engine_options,
+    with_engine_options,
 )
 from facecast.errors import FacecastError
 
 
 @app.command()
-@engine_options
+@with_engine_options
 def stream(
     source: Annotated[
         list[Path] | None,
@@ -125,7 +125,7 @@ def stream(
         "bitrate": bitrate,
         "stall_timeout": stall_timeout,
     }
-    assert engine is not None  # given by engine_options
+    assert engine is not None  # given by with_engine_options
     flags.update(engine.models)
     try:
         settings = StreamSettings(**{k: v for k, v in flags.items() if v is not None})

@@ -1,6 +1,6 @@
 """Options more than one command takes, declared once.
 
-``engine_options`` adds the engine's options (which model does each job, how the output is
+``with_engine_options`` adds the engine's options (which model does each job, how the output is
 signed, whether sources need consent) to a command and hands the command one
 ``EngineFlags`` instead of thirteen parameters: ``swap`` and ``stream`` declare none of them
 themselves. Typer reads a command's parameters from its signature, so the decorator gives
@@ -204,7 +204,7 @@ HostFlag = Annotated[
 
 @dataclass(frozen=True)
 class EngineFlags:
-    """The engine options of one command line (``engine_options``)."""
+    """The engine options of one command line (``with_engine_options``)."""
 
     models: dict[str, object]  # the ModelSettings fields given (``MODEL_OPTIONS``)
     c2pa: tuple[Path | None, Path | None]  # certificate chain and key; neither: the TEST key
@@ -212,7 +212,7 @@ class EngineFlags:
     consent_dir: Path | None
 
 
-# The options engine_options adds, in the order --help lists them. Which model does each
+# The options with_engine_options adds, in the order --help lists them. Which model does each
 # job: (option, its Typer type, the ModelSettings field it sets); None (not given) leaves
 # the environment's FACECAST_* value, or the embedded default.
 MODEL_OPTIONS: tuple[tuple[str, Any, str], ...] = (
@@ -253,7 +253,7 @@ def engine_flags(values: dict[str, Any]) -> EngineFlags:
     )
 
 
-def engine_options(command: Callable[..., None]) -> Callable[..., None]:
+def with_engine_options(command: Callable[..., None]) -> Callable[..., None]:
     """``command(..., engine: EngineFlags)`` as a Typer command taking ENGINE_OPTIONS."""
     signature = inspect.signature(command)
     hints = typing.get_type_hints(command, include_extras=True)
