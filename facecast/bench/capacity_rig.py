@@ -5,7 +5,6 @@ and the CPU and memory readings from /proc. Everything it starts, it stops."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import secrets
 import subprocess
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facecast.bench.handoff import stop_process
+from facecast.live.cpu import CLOCK_TICKS, stat_seconds
 from facecast.serve.ingest import IngestAccess, IngestServer, free_ports
 
 STATS_PERIOD_S = 0.25  # how often the readers report their frame count
@@ -187,17 +187,9 @@ def rig(work: Path) -> Iterator[Rig]:
 # ---------------------------------------------------------------------------- CPU
 
 
-def _clock_ticks() -> int:
-    return os.sysconf("SC_CLK_TCK")
-
-
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of one process so far (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _clock_ticks()
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    return stat_seconds(Path(f"/proc/{pid}/stat")) or 0.0
 
 
 def _children(pid: int) -> list[int]:
@@ -220,7 +212,7 @@ def machine_busy_s() -> float:
     except (OSError, ValueError, IndexError):
         return float("nan")
     idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / _clock_ticks()
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
 
 
 def rss_mb() -> float:

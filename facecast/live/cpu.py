@@ -31,12 +31,14 @@ def role_of(name: str) -> str:
     return "other Python threads"
 
 
-def _task_seconds(tid: int) -> float | None:
+def stat_seconds(stat: Path) -> float | None:
+    """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's);
+    None when it cannot be read (the process or thread is gone)."""
     try:
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None  # the thread ended between listing and reading
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cpu_by_role() -> dict[str, float]:
@@ -49,7 +51,7 @@ def cpu_by_role() -> dict[str, float]:
     totals: dict[str, float] = {}
     for entry in tasks.iterdir():
         tid = int(entry.name)
-        seconds = _task_seconds(tid)
+        seconds = stat_seconds(entry / "stat")  # None: the thread ended meanwhile
         if seconds is None:
             continue
         role = role_of(named[tid]) if tid in named else NATIVE
