@@ -26,9 +26,16 @@ def test_output_rate_steps_down_on_a_throttled_link_and_back_up(ingest_server, t
     relay = RelayProcess(ingest_server.rtmp_port, tmp_path)
     url = f"rtmp://127.0.0.1:{relay.port}/swapped/throttled"
 
-    def open_sink(width: int, height: int, fps: float, audio) -> StreamSink:
+    def open_sink(width: int, height: int, fps: float, audio, colours) -> StreamSink:
         return StreamSink(
-            url, width=width, height=height, fps=fps, audio=audio, bitrate=BITRATE, write_timeout=5
+            url,
+            width=width,
+            height=height,
+            fps=fps,
+            audio=audio,
+            bitrate=BITRATE,
+            write_timeout=5,
+            colours=colours,
         )
 
     source = StreamSource(str(CLIP), realtime=True, loop_file=True)

@@ -44,5 +44,5 @@ def test_a_busy_stage_thread_is_counted_on_its_stage_and_an_idle_one_is_not():
         idle.join()
     print("cores used by role:", used)
     assert used.get("analyse + swap", 0.0) >= 0.1  # it spun (a share of a loaded core)
-    assert used.get("output (slot, BGR to YUV)", 0.0) < 0.05  # it only waited
+    assert used.get("output (slot, changed boxes to YUV)", 0.0) < 0.05  # it only waited
     assert used["total"] >= used["analyse + swap"]

@@ -198,7 +198,7 @@ def test_faces_outside_the_frame_and_bad_settings(tmp_path, obama):
         points5=five_points(face) + 5000,
     )
     out = frame.copy()
-    assert FaceEnhancer(model).enhance(out, away) is False
+    assert FaceEnhancer(model).enhance(out, away) is None
     assert (out == frame).all()
     with pytest.raises(FacecastError, match="blend"):
         FaceEnhancer(model, blend=1.5)

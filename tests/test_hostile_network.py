@@ -30,6 +30,7 @@ from facecast.live.rate import RateController
 from facecast.media.frame import AudioChunk, Frame
 from facecast.media.live_sink import StreamSink, udp_send_queue
 from facecast.media.live_source import AudioParams, StreamSource, free_udp_port, redact
+from facecast.media.planes import ColourTags
 from tests import live_helpers
 from tests.live_helpers import FFMPEG, process_log, publish, stop_process, wait_until
 
@@ -222,9 +223,16 @@ def test_reordered_udp_input_never_resets_the_output(tmp_path, live_procs):
     source = StreamSource(f"udp://127.0.0.1:{in_port}")
     sinks: list[StreamSink] = []
 
-    def open_sink(width: int, height: int, fps: float, audio: AudioParams | None) -> StreamSink:
+    def open_sink(
+        width: int, height: int, fps: float, audio: AudioParams | None, colours: ColourTags
+    ) -> StreamSink:
         sink = StreamSink(
-            f"udp://127.0.0.1:{viewer.port}", width=width, height=height, fps=fps, audio=audio
+            f"udp://127.0.0.1:{viewer.port}",
+            width=width,
+            height=height,
+            fps=fps,
+            audio=audio,
+            colours=colours,
         )
         sinks.append(sink)
         return sink

@@ -176,7 +176,8 @@ def test_alignment_round_trip_on_real_faces(faces, name):
     assert error[inside].mean() < 7.0
     assert coarse[inside].mean() < 1.4
     untouched = np.ones(image.shape[:2], bool)
-    untouched[region] = False
+    x0, y0, x1, y1 = region
+    untouched[y0:y1, x0:x1] = False
     assert not error[untouched].any()
 
 

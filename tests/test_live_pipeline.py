@@ -95,7 +95,7 @@ def engine():
 def run_pipeline(engine, source, sink, seconds, until=None, **kwargs):
     """Run for ``seconds`` at most (or until the source ends); with ``until``, stop as soon
     as ``until()`` is true (looked at every 50 ms)."""
-    pipeline = LivePipeline(engine, source, lambda w, h, fps, audio: sink, **kwargs)
+    pipeline = LivePipeline(engine, source, lambda w, h, fps, audio, colours: sink, **kwargs)
     stop = threading.Event()
     timer = threading.Timer(seconds, stop.set)
     timer.start()

@@ -257,11 +257,12 @@ def test_label_touches_only_the_bottom_right_corner(w, h):
     rng = np.random.default_rng(1)
     image = rng.integers(60, 200, (h, w, 3), dtype=np.uint8)
     before = image.copy()
-    assert draw_label(image) is image  # in place
+    changed = draw_label(image)  # in place
     ys, xs = np.nonzero((image != before).any(axis=2))
     assert len(xs) > 0
     assert xs.min() > w / 2 and ys.min() > h * 0.8
     x0, y0, x1, y1 = label_box(w, h, "AI-generated")[:4]
+    assert changed == (x0, y0, x1, y1)
     assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
     box = image[y0:y1, x0:x1]
     assert (box > 235).all(axis=2).sum() > 20  # white text
@@ -349,7 +350,8 @@ def clip_transcode(tmp_path_factory):
 
     def process(frame: Frame) -> np.ndarray:
         seen.append((frame.index, frame.pts))
-        return draw_label(frame.image)
+        draw_label(frame.image)
+        return None
 
     mark = make_mark(source_face="obama.jpg")
     stats = transcode(src, dst, process, progress=progress.append, mark=mark)

@@ -1,5 +1,6 @@
 """Where the swap does not touch a frame, the output is what a plain transcode of the same
-frames gives, within the encoder's own noise (issue 20, point 4).
+frames gives, within the encoder's own noise (issue 20, point 4); before the encoder, the
+decoder's own values, bit for bit (the last test).
 
 The sample clip is swapped (label off: the label is drawn outside the faces on purpose) and
 also transcoded with nothing done to it, through the same decoder, conversion and encoder
@@ -9,6 +10,7 @@ than the transcode itself differs from the original."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import av
@@ -16,9 +18,12 @@ import numpy as np
 import pytest
 
 from facecast.engine.files import swap_video_file
-from facecast.engine.pipeline import EngineOptions
+from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.faces.analyse import FaceAnalyser
-from facecast.media.sink import transcode
+from facecast.media.image_io import read_image
+from facecast.media.planes import ColourTags, chroma, even_box
+from facecast.media.sink import VideoFileSink, VideoQuality, transcode
+from facecast.media.source import VideoFileSource
 
 from .conftest import MEDIA
 
@@ -76,3 +81,45 @@ def test_pixels_the_swap_does_not_touch_match_a_plain_transcode(tmp_path, label)
         assert mean_diff < mean_noise
         assert max(ours_vs_plain) < 2 * mean_noise
         assert worst_far < FAR_SHARE
+
+
+def test_the_decoders_planes_reach_the_encoder_bit_for_bit_outside_the_changed_boxes(tmp_path):
+    """Decode, swap, encode losslessly (x264 at crf 0), decode again: every pixel outside
+    the boxes the engine reports changed is the original decoder's value exactly, in Y, U
+    and V, and the output keeps the input's colour tags. Through BGR and back (the path
+    before issue 20) a pixel moves by a level here and there, and the tags said BT.601."""
+    clip = MEDIA / "short_hamilton_clip.mp4"
+    out = tmp_path / "lossless.mkv"
+    engine = SwapEngine(EngineOptions(detect_every=3, temporal=True))
+    engine.load_source(read_image(MEDIA / "obama.jpg"))
+    originals, changed = [], []
+    with VideoFileSource(clip) as src:
+        colours = src.colours
+        with VideoFileSink.for_source(out, src, quality=VideoQuality(crf=0)) as sink:
+            for frame in itertools.islice(src.frames(), 60):
+                assert frame.i420 is not None  # the sample clip is plain 8-bit 4:2:0
+                originals.append(frame.i420.copy())
+                result = engine.process_frame(frame, seconds=frame.seconds)
+                changed.append(result.changed)
+                sink.write(frame)
+    assert sum(len(boxes) for boxes in changed) > 60  # faces and labels were drawn
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert ColourTags.of(stream.codec_context) == colours
+        written = [vf.to_ndarray() for vf in container.decode(stream)]
+    assert len(written) == len(originals)
+    height, width = originals[0].shape[0] * 2 // 3, originals[0].shape[1]
+    for before, after, boxes in zip(originals, written, changed, strict=True):
+        keep = np.ones((height, width), bool)
+        for box in boxes:
+            grown = even_box(box, width, height)
+            assert grown is not None
+            x0, y0, x1, y1 = grown
+            keep[y0:y1, x0:x1] = False
+        assert np.array_equal(before[:height][keep], after[:height][keep])
+        chroma_keep = keep[::2, ::2]
+        for plane_before, plane_after in zip(
+            chroma(before, width, height), chroma(after, width, height), strict=True
+        ):
+            assert np.array_equal(plane_before[chroma_keep], plane_after[chroma_keep])
+        assert not np.array_equal(before, after)  # the label at least is in every frame

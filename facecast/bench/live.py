@@ -56,12 +56,13 @@ from facecast.engine.pipeline import SwapEngine
 from facecast.engine.timing import StageClock
 from facecast.errors import MediaError
 from facecast.live.cpu import cores_used, cpu_by_role
-from facecast.live.pipeline import LivePipeline, engine_options
+from facecast.live.pipeline import LivePipeline, SinkFactory, engine_options
 from facecast.live.probe import LatencyProbe
 from facecast.media.frame import AudioChunk, Frame
 from facecast.media.image_io import read_image
 from facecast.media.live_sink import StreamSink
 from facecast.media.live_source import StreamSource
+from facecast.media.planes import ColourTags
 from facecast.serve.ingest import IngestServer, free_port, free_ports
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,17 @@ def _engine(face: Path) -> SwapEngine:
     return engine
 
 
-def _udp_sink(port: int) -> Callable[[int, int, float, Any], StreamSink]:
-    def open_sink(width: int, height: int, fps: float, audio: Any) -> StreamSink:
+def _udp_sink(port: int) -> SinkFactory:
+    def open_sink(
+        width: int, height: int, fps: float, audio: Any, colours: ColourTags
+    ) -> StreamSink:
         return StreamSink(
-            f"udp://127.0.0.1:{port}", width=width, height=height, fps=fps, audio=audio
+            f"udp://127.0.0.1:{port}",
+            width=width,
+            height=height,
+            fps=fps,
+            audio=audio,
+            colours=colours,
         )
 
     return open_sink
@@ -206,11 +214,12 @@ def run_serial(clip: Path, face: Path, seconds: float, paced: bool) -> dict[str,
                 continue
             if not isinstance(item, Frame):
                 continue
-            faces += engine.process(item.image, clock).swapped
+            faces += engine.process_frame(item, clock).swapped
             if sink is None:
-                height, width = item.image.shape[:2]
                 fps = float(source.fps or 30)
-                sink = _udp_sink(free_port())(width, height, fps, source.audio_params())
+                sink = _udp_sink(free_port())(
+                    item.width, item.height, fps, source.audio_params(), item.colours
+                )
             for chunk in pending_audio:
                 sink.write_audio(chunk)
             pending_audio.clear()

@@ -173,19 +173,25 @@ def _reader(
         out.put(_Done(exc))
 
 
-def _writer(sink: VideoFileSink, inbox: queue.Queue, clock: StageClock, errors: list) -> None:
+def _worker(
+    work: Callable[[object], object], inbox: queue.Queue, outbox: queue.Queue | None, errors: list
+) -> None:
+    """One file stage on its own thread: each item of ``inbox`` through ``work`` into
+    ``outbox`` (if any), until ``_Done``, which is passed on. A failure is kept in
+    ``errors`` for the main thread, and the rest of ``inbox`` is drained so the stage
+    before never blocks on a full queue."""
     try:
         while not isinstance(item := inbox.get(), _Done):
-            start = time.perf_counter()
-            if isinstance(item, Frame):
-                sink.write(item)
-                clock.add("encode", time.perf_counter() - start)
-            else:
-                sink.write_audio(item)
+            out = work(item)
+            if outbox is not None:
+                outbox.put(out)
     except BaseException as exc:
         errors.append(exc)
-        while not isinstance(inbox.get(), _Done):  # unblock the producer
+        while not isinstance(inbox.get(), _Done):
             pass
+    finally:
+        if outbox is not None:
+            outbox.put(_Done())
 
 
 def swap_video_file(
@@ -197,9 +203,11 @@ def swap_video_file(
     quality: VideoQuality | None = None,
     stop: threading.Event | None = None,
 ) -> RunStats:
-    """Every frame, in order, through decode ∥ analyse+swap ∥ encode on three threads joined
-    by bounded queues (file mode: nothing is dropped, a full queue just waits). Audio
-    packets travel the same queues untouched, so the sink muxes them in container order.
+    """Every frame, in order, through decode ∥ analyse ∥ swap ∥ encode on four threads
+    joined by bounded queues (file mode: nothing is dropped, a full queue just waits). The
+    analysis of a frame runs while the one before is swapped: each stage is one thread, and
+    the two halves of the engine are its largest. Audio packets travel the same queues
+    untouched, so the sink muxes them in container order.
     ``stop``: checked between frames; once set, ``Stopped`` and the output is discarded."""
     detect_every = options.detect_every if options.detect_every > 1 else FILE_DETECT_EVERY
     engine = _engine_for(
@@ -215,10 +223,31 @@ def swap_video_file(
             engine.temporal.fps = float(src.fps)  # the smoothing's time base
         total = src.frame_count or None
         mark = output_mark(source, options)
+
+        def render(item: object) -> object:
+            if isinstance(item, tuple):  # (frame, plan): swap it; audio passes as it is
+                frame, plan = item
+                result = engine.render(frame.image, plan, clock)
+                frame.changed = result.changed
+                stats.count(result)
+                if progress:
+                    progress(stats.frames, total)
+                return frame
+            return item
+
+        def write(item: object) -> None:
+            if isinstance(item, Frame):
+                start = time.perf_counter()
+                sink.write(item)
+                clock.add("encode", time.perf_counter() - start)
+            else:
+                sink.write_audio(item)  # type: ignore[arg-type]
+
         with VideoFileSink.for_source(output, src, mark=mark, quality=quality) as sink:
             decoded: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
+            to_render: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
             to_encode: queue.Queue = queue.Queue(FILE_QUEUE_DEPTH)
-            writer_errors: list[BaseException] = []
+            stage_errors: list[BaseException] = []
             cancel = threading.Event()
             reader = threading.Thread(
                 target=_reader,
@@ -226,25 +255,32 @@ def swap_video_file(
                 name="decode",
                 daemon=True,
             )
-            writer = threading.Thread(
-                target=_writer,
-                args=(sink, to_encode, clock, writer_errors),
-                name="encode",
-                daemon=True,
-            )
+            stages = [
+                threading.Thread(
+                    target=_worker,
+                    args=(render, to_render, to_encode, stage_errors),
+                    name="swap",
+                    daemon=True,
+                ),
+                threading.Thread(
+                    target=_worker,
+                    args=(write, to_encode, None, stage_errors),
+                    name="encode",
+                    daemon=True,
+                ),
+            ]
             reader.start()
-            writer.start()
+            for stage in stages:
+                stage.start()
             error: BaseException | None = None
             try:
                 while not isinstance(item := decoded.get(), _Done):
                     _check(stop)
-                    if writer_errors:  # the output failed: stop now, not after the whole file
-                        raise writer_errors[0]
+                    if stage_errors:  # the swap or the output failed: stop now
+                        raise stage_errors[0]
                     if isinstance(item, Frame):
-                        stats.count(engine.process(item.image, clock, item.seconds))
-                        if progress:
-                            progress(stats.frames, total)
-                    to_encode.put(item)
+                        item = (item, engine.analyse(item.image, clock, item.seconds))
+                    to_render.put(item)
                 error = item.error
             except BaseException as exc:
                 error = exc
@@ -253,10 +289,11 @@ def swap_video_file(
                 while reader.is_alive() and not isinstance(decoded.get(), _Done):
                     pass
             finally:
-                to_encode.put(_Done())
-                writer.join()
+                to_render.put(_Done())
+                for stage in stages:
+                    stage.join()
                 reader.join()
-            error = error or (writer_errors[0] if writer_errors else None)
+            error = error or (stage_errors[0] if stage_errors else None)
             if error is not None:
                 raise error
             if stats.frames == 0:

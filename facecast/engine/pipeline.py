@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from facecast.faces.analyse import FaceAnalyser
 from facecast.faces.face import Face
 from facecast.faces.select import Selection
 from facecast.faces.temporal import TemporalFaces
+from facecast.media.frame import Frame
 from facecast.media.mark import make_mark
 from facecast.media.overlay import draw_label
+from facecast.media.planes import Box
 from facecast.models.choice import ModelChoice, load_models
 from facecast.swap.mesh_swapper import SwapOptions
 from facecast.swap.sources import SourceSet, expression_vector
@@ -56,10 +59,31 @@ class EngineOptions:
 
 
 @dataclass
+class PlannedSwap:
+    """One face to swap in a frame, with what the swap needs from the analysis."""
+
+    face: Face
+    reference: int | None  # which reference's person (None: the one source face)
+    source: Any  # the prepared source face it gets
+    colour: Callable[[np.ndarray], np.ndarray] | None  # its track's colour smoothing
+
+
+@dataclass
+class FramePlan:
+    """What ``SwapEngine.analyse`` decided for one frame, for ``SwapEngine.render``."""
+
+    faces: int = 0  # faces found
+    swaps: list[PlannedSwap] = field(default_factory=list)
+
+
+@dataclass
 class FrameResult:
     faces: int = 0
     chosen: int = 0  # faces the selection picked (all, largest, index:N, references)
     swapped: int = 0
+    # the boxes of the image the stages changed (swaps, restorations, the label): the rest
+    # is as it came, so a frame's planes need only these converted back (media/planes.py)
+    changed: list[Box] = field(default_factory=list)
 
 
 class SwapEngine:
@@ -164,6 +188,15 @@ class SwapEngine:
     ) -> FrameResult:
         """Swap the selected faces of ``image`` in place and label it. ``seconds``: the
         frame's timestamp, the time base of the smoothing (else frames count at ``fps``)."""
+        return self.render(image, self.analyse(image, clock, seconds), clock)
+
+    def analyse(
+        self, image: np.ndarray, clock: StageClock | None = None, seconds: float | None = None
+    ) -> FramePlan:
+        """The first half of ``process``: find, follow and choose the faces of ``image``
+        (read only). Frames must come in order; ``render`` may run a frame or more behind
+        on another thread (the file runner does), since the plan holds everything it needs
+        from this frame's analysis."""
         if self.source is None:
             raise RuntimeError("load_source() or add_reference() first")
         clock = clock or StageClock()
@@ -184,22 +217,49 @@ class SwapEngine:
             and self.options.log_index_misses
         ):
             self._warn_index_missed(len(faces))
-        result = FrameResult(faces=len(faces), chosen=len(chosen))
-        self.last_swaps = []
+        plan = FramePlan(faces=len(faces))
         for face, ref in chosen:
             own_face = None if ref is None else self.references[ref][1]
-            source = own_face or self._source_for(face)
             colour = self.temporal.colour_settler(face) if self.temporal is not None else None
-            swapped = self.swapper.swap(image, face, source, clock, colour)
-            result.swapped += swapped
-            if swapped:
-                self.last_swaps.append((face, ref))
-                if self.models.enhancer is not None:
-                    with clock.stage("enhance"):
-                        self.models.enhancer.enhance(image, face)
+            plan.swaps.append(PlannedSwap(face, ref, own_face or self._source_for(face), colour))
+        return plan
+
+    def render(
+        self, image: np.ndarray, plan: FramePlan, clock: StageClock | None = None
+    ) -> FrameResult:
+        """The second half of ``process``: swap the planned faces into ``image`` in place,
+        restore them (an enhancer) and draw the label. Call in frame order."""
+        clock = clock or StageClock()
+        result = FrameResult(faces=plan.faces, chosen=len(plan.swaps))
+        swaps = []
+        for planned in plan.swaps:
+            face = planned.face
+            box = self.swapper.swap(image, face, planned.source, clock, planned.colour)
+            if box is None:
+                continue
+            result.swapped += 1
+            result.changed.append(box)
+            swaps.append((face, planned.reference))
+            if self.models.enhancer is not None:
+                with clock.stage("enhance"):
+                    restored = self.models.enhancer.enhance(image, face)
+                if restored is not None:
+                    result.changed.append(restored)
+        self.last_swaps = swaps
         if self.options.label:
             with clock.stage("label"):
-                draw_label(image, self.options.label_text)
+                label = draw_label(image, self.options.label_text)
+            if label is not None:
+                result.changed.append(label)
+        return result
+
+    def process_frame(
+        self, frame: Frame, clock: StageClock | None = None, seconds: float | None = None
+    ) -> FrameResult:
+        """``process`` on a ``Frame``'s picture, and the frame told which boxes changed, so
+        only those go back into its planes (``Frame.planes``)."""
+        result = self.process(frame.image, clock, seconds)
+        frame.changed = result.changed
         return result
 
     def _warn_index_missed(self, count: int) -> None:

@@ -138,7 +138,10 @@ class TemporalFaces:
         if not self.smooth_colour or face.track_id is None:
             return None
         smoother = self.colour_filters.setdefault(face.track_id, colour_filter())
-        return lambda stats: smoother(stats, self.time)
+        # this frame's time, not the analyser's by the time the swap runs (a file's swap
+        # runs a frame behind the analysis, on its own thread)
+        now = self.time
+        return lambda stats: smoother(stats, now)
 
     def order(self, face: Face) -> float:
         """Rank for ``index:N``: where the face's track was first seen (left to right)."""

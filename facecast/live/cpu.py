@@ -17,7 +17,7 @@ ROLES = (
     ("facecast-input", "decode (reader)"),
     ("-in", "input (slot)"),
     ("-swap", "analyse + swap"),
-    ("-out", "output (slot, BGR to YUV)"),
+    ("-out", "output (slot, changed boxes to YUV)"),
     ("facecast-output", "encode + mux"),
 )
 NATIVE = "native threads (codec, runtimes)"

@@ -31,6 +31,7 @@ from facecast.live.rate import RATE_LEVELS, RateController
 from facecast.live.slots import Closed, DropOldestQueue, LatestSlot
 from facecast.live.stats import LiveStats
 from facecast.media.frame import AudioChunk, Frame
+from facecast.media.planes import ColourTags
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-SinkFactory = Callable[[int, int, float, Any], Sink]
+# (width, height, fps, audio parameters, colour tags of the first frame) -> the output
+SinkFactory = Callable[[int, int, float, Any, ColourTags], Sink]
 
 
 class LivePipeline:
@@ -223,8 +225,8 @@ class LivePipeline:
             if self.swapping:
                 try:
                     seconds = frame.seconds
-                    result = self.engine.process(
-                        frame.image, clock, frame.t_ingest if seconds is None else seconds
+                    result = self.engine.process_frame(
+                        frame, clock, frame.t_ingest if seconds is None else seconds
                     )
                     self.stats.faces_last = result.faces
                     self.stats.faces_swapped += result.swapped
@@ -275,9 +277,9 @@ class LivePipeline:
         return 1.0 / max(fps, 1.0)
 
     def _open_sink(self, frame: Frame) -> Sink:
-        height, width = frame.image.shape[:2]
+        width, height = frame.width, frame.height
         fps = float(self.source.fps or 30)
-        sink = self.sink_factory(width, height, fps, self.source.audio_params())
+        sink = self.sink_factory(width, height, fps, self.source.audio_params(), frame.colours)
         log.info("%s: output opened at %dx%d %.2f fps", self.name, width, height, fps)
         return sink
 
@@ -289,15 +291,7 @@ class LivePipeline:
         for chunk in self.audio.drain():
             sink.write_audio(chunk)
         # the sink fits frames to the size it opened with (an input may reconnect at another)
-        sink.write(
-            Frame(
-                image=frame.image,
-                index=frame.index,
-                pts=frame.pts,  # for a sink on media time (a file read flat out)
-                time_base=frame.time_base,
-                t_ingest=frame.t_ingest,
-            )
-        )
+        sink.write(frame)
         spent = time.perf_counter() - start
         self.stats.clock.add("output", spent)
         self.stats.frames_out += 1
@@ -405,14 +399,15 @@ def build_pipeline(
     # a file read flat out: every frame kept, and the output on the file's own timeline
     lossless = not (source.live or settings.realtime)
 
-    def open_sink(width: int, height: int, fps: float, audio: Any) -> Sink:
+    def open_sink(width: int, height: int, fps: float, audio: Any, colours: ColourTags) -> Sink:
         output: str = settings.output  # type: ignore[assignment]
         stream = {"width": width, "height": height, "fps": fps, "audio": audio}
         if gst.is_gst(output):
-            return gst.GstSink(output, **stream, bitrate=settings.bitrate)
+            return gst.GstSink(output, **stream, bitrate=settings.bitrate)  # BGR: no tags
         return StreamSink(
             output,
             **stream,
+            colours=colours,
             preset=settings.preset,
             keyint=settings.keyint,
             bitrate=settings.bitrate,

@@ -12,7 +12,6 @@ from fractions import Fraction
 
 import av
 import av.container
-import numpy as np
 
 from facecast.media.audio_params import is_adts, whole_adts_frames
 from facecast.media.frame import AudioChunk, Frame
@@ -170,19 +169,18 @@ class SessionReader:
                 self._bad(f"undecodable video packet ({describe(exc)})")
             return
         for vf in decoded:
+            now = time.monotonic()
+            timing = {
+                "index": self.frames,
+                "pts": vf.pts,
+                "time_base": Fraction(vf.time_base) if vf.time_base else None,
+                "t_ingest": now,
+            }
             try:
-                image = vf.to_ndarray(format="bgr24")
+                frame = Frame.decoded(vf, **timing)
             except (av.FFmpegError, ValueError) as exc:
                 self._bad(f"unconvertible video frame ({exc})")
                 continue
-            now = time.monotonic()
-            frame = Frame(
-                image=np.ascontiguousarray(image),
-                index=self.frames,
-                pts=vf.pts,
-                time_base=Fraction(vf.time_base) if vf.time_base else None,
-                t_ingest=now,
-            )
             self.frames += 1
             self.last_frame_at = now
             self.width, self.height = vf.width, vf.height

@@ -45,9 +45,10 @@ from facecast.media.live_errors import describe
 from facecast.media.output_clock import OutputClock
 from facecast.media.output_connection import Connection, EncoderSettings, Job, udp_send_queue
 from facecast.media.output_plan import OutputPlan, plan_output
+from facecast.media.planes import BT601, ColourTags
 from facecast.media.srt_bridge import check_srt_endpoint
 from facecast.media.urls import redact
-from facecast.media.video_encode import bgr_to_video_frame, fit_image
+from facecast.media.video_encode import bgr_to_video_frame, fit_image, planes_for
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,13 @@ class StreamSink(OutputState):
         write_timeout: float = 2.0,
         connect_wait: float = 1.0,
         media_time: bool = False,
+        colours: ColourTags = BT601,
     ):
         """``media_time``: the input is a file read as fast as it decodes, not a live
         signal, so the output keeps the input's own timestamps (relative to its start)
-        instead of the clock at ``write()``; see "Media time" in output_clock."""
+        instead of the clock at ``write()``; see "Media time" in output_clock.
+        ``colours``: the output's colour tags, the first frame's (``Frame.colours``): frames
+        with planes so tagged go to the encoder as they are, others are converted."""
         self.url = str(url)
         self.name = redact(self.url)
         self.width, self.height, rate = output_geometry(self.name, width, height, fps)
@@ -125,7 +129,16 @@ class StreamSink(OutputState):
         keyint = keyint or max(1, round(rate))  # ~1 s: a new viewer waits at most that
         maxrate = bitrate or round(BITS_PER_PIXEL * self.width * self.height * float(rate))
         self._encoder = EncoderSettings(
-            self.width, self.height, rate, self.time_base, preset, tune, keyint, bitrate, maxrate
+            self.width,
+            self.height,
+            rate,
+            self.time_base,
+            preset,
+            tune,
+            keyint,
+            bitrate,
+            maxrate,
+            colours,
         )
         self._keyint_s = keyint / float(rate)
         self._audio_params = audio if self.plan.audio else None
@@ -194,8 +207,11 @@ class StreamSink(OutputState):
             # what the frames before are still waiting for, now that this one is due
             self.send_queue = udp_send_queue(conn.local_port)
             self.backed_up = self.send_queue is not None and self.send_queue >= BACKLOG_BYTES
-        image, _ = fit_image(frame.image, self.width, self.height)
-        vf = bgr_to_video_frame(image)
+        planes = planes_for(frame, self.width, self.height, self._encoder.colours)
+        if planes is not None:
+            vf = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+        else:
+            vf = bgr_to_video_frame(fit_image(frame.image, self.width, self.height)[0])
         vf.pts = self._clock.next_pts(at)
         vf.time_base = self.time_base
         if (

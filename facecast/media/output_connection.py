@@ -46,9 +46,10 @@ from facecast.media.h264 import with_trailing_aud
 from facecast.media.live_errors import describe
 from facecast.media.mark import MARK_KEY, sei_text
 from facecast.media.output_plan import OutputPlan
+from facecast.media.planes import BT601, ColourTags
 from facecast.media.srt_bridge import Bridge
 from facecast.media.urls import with_query
-from facecast.media.video_encode import SeiMarker, tag_colours
+from facecast.media.video_encode import SeiMarker
 
 # The output's own lines (its name first) under the output's logger, wherever the code
 # sits: a log filter, or a test that captures "facecast.media.live_sink", sees all of them.
@@ -89,6 +90,7 @@ class EncoderSettings:
     keyint: int
     bitrate: int | None
     maxrate: int
+    colours: ColourTags = BT601  # the stream's colour tags (StreamSink's ``colours``)
 
 
 class Connection:
@@ -245,7 +247,7 @@ class Connection:
         ctx.time_base = enc.time_base
         ctx.framerate = enc.fps
         ctx.gop_size = enc.keyint
-        tag_colours(ctx)
+        enc.colours.tag(ctx)
         if enc.bitrate is not None:
             ctx.bit_rate = enc.bitrate
         stream.time_base = enc.time_base

@@ -7,6 +7,8 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from facecast.media.planes import Box
+
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _BOX_OPACITY = 0.6  # of the dark box: the scene stays faintly visible behind it
 
@@ -33,8 +35,9 @@ def label_box(
     return x0, y0, x1, y1, scale, thickness, pad, (y1 - y0) - pad - baseline
 
 
-def draw_label(image: np.ndarray, text: str = "AI-generated") -> np.ndarray:
-    """Draw ``text`` in the bottom-right corner of ``image`` IN PLACE and return ``image``.
+def draw_label(image: np.ndarray, text: str = "AI-generated") -> Box | None:
+    """Draw ``text`` in the bottom-right corner of ``image`` IN PLACE; returns the box it
+    changed (None: the frame is too small to hold any label).
 
     In place because the video path labels every frame: no full-frame copy, and only the
     label's box is read and written. Pass a copy to keep the original.
@@ -42,9 +45,9 @@ def draw_label(image: np.ndarray, text: str = "AI-generated") -> np.ndarray:
     h, w = image.shape[:2]
     x0, y0, x1, y1, scale, thickness, tx, ty = label_box(w, h, text)
     if x1 <= x0 or y1 <= y0:
-        return image  # frame too small to hold any label
+        return None  # frame too small to hold any label
     roi = image[y0:y1, x0:x1]
     # roi * (1 - opacity) is roi blended with a black box, done in place on the view.
     cv2.convertScaleAbs(roi, dst=roi, alpha=1.0 - _BOX_OPACITY)
     cv2.putText(roi, text, (tx, ty), _FONT, scale, (255, 255, 255), thickness, cv2.LINE_AA)
-    return image
+    return x0, y0, x1, y1

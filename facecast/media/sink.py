@@ -25,8 +25,9 @@ import numpy as np
 from facecast.errors import MediaError
 from facecast.media.frame import Frame
 from facecast.media.mark import MARK_KEY, make_mark, sei_text
+from facecast.media.planes import BT601, ColourTags
 from facecast.media.source import VideoFileSource
-from facecast.media.video_encode import SeiMarker, bgr_to_video_frame, fit_image, tag_colours
+from facecast.media.video_encode import SeiMarker, bgr_to_video_frame, fit_image, planes_for
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,14 @@ class VideoFileSink:
         keyint: int | None = None,
         faststart: bool = True,
         sample_aspect_ratio: Fraction | None = None,
+        colours: ColourTags = BT601,
     ):
+        """``colours``: how the output's YUV is to be read; frames whose planes carry these
+        tags go to the encoder as they are, others as BGR converted by OpenCV, so give
+        anything but ``BT601`` only when the frames will come with such planes."""
         self.path = Path(path)
         self.fps = Fraction(fps)
+        self.colours = colours
         # Even sizes: 4:2:0 chroma needs them; an odd last row/column is cropped off.
         self.width, self.height = width - width % 2, height - height % 2
         if self.width < 2 or self.height < 2:
@@ -162,6 +168,7 @@ class VideoFileSink:
             time_base=source.time_base,
             audio_template=source.audio_stream,
             sample_aspect_ratio=sar,
+            colours=source.colours,
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -204,7 +211,7 @@ class VideoFileSink:
         stream.time_base = self.time_base  # a hint: mp4 keeps it, mkv rounds to 1/1000
         ctx = stream.codec_context
         ctx.time_base = self.time_base
-        tag_colours(ctx)
+        self.colours.tag(ctx)
         if keyint:
             ctx.gop_size = int(keyint)
         if sample_aspect_ratio:
@@ -247,7 +254,11 @@ class VideoFileSink:
 
     def write(self, frame: Frame) -> None:
         """Encode one frame, keeping its timestamp (rescaled if its time base differs)."""
-        vf = bgr_to_video_frame(self._fit(frame.image))
+        planes = planes_for(frame, self.width, self.height, self.colours)
+        if planes is not None:
+            vf = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+        else:
+            vf = bgr_to_video_frame(self._fit(frame.image))
         vf.pts = self._next_pts(frame)
         vf.time_base = self.time_base
         self._mux(self._encoded(self._video.encode(vf)))

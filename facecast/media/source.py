@@ -11,7 +11,6 @@ good packet in between ends the stream early (there is nothing left to read).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from facecast.errors import MediaError
 from facecast.media._io import open_input
 from facecast.media.frame import Frame
+from facecast.media.planes import BT601, ColourTags, keeps_planes
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,14 @@ class VideoFileSource:
         return round(duration * self.fps) if duration else 0
 
     @property
+    def colours(self) -> ColourTags:
+        """What the output of this file's frames should be tagged: the stream's own colour
+        tags when its frames travel as planes (see ``_to_frame``), else what OpenCV's BGR
+        conversion gives (``BT601``)."""
+        ctx = self.video_stream.codec_context
+        return ColourTags.of(ctx) if not self.rotation and keeps_planes(ctx) else BT601
+
+    @property
     def has_audio(self) -> bool:
         return self.audio_stream is not None
 
@@ -175,16 +183,14 @@ class VideoFileSource:
             yield self._to_frame(vf)
 
     def _to_frame(self, vf: av.VideoFrame) -> Frame:
-        image = vf.to_ndarray(format="bgr24")
-        if self.rotation:
-            image = cv2.rotate(image, _ROTATE[self.rotation])
-        frame = Frame(
-            image=np.ascontiguousarray(image),
-            index=self.frames_decoded,
-            pts=vf.pts,
-            time_base=Fraction(vf.time_base) if vf.time_base else self.time_base,
-            t_ingest=time.monotonic(),
-        )
+        time_base = Fraction(vf.time_base) if vf.time_base else self.time_base
+        timing = {"index": self.frames_decoded, "pts": vf.pts, "time_base": time_base}
+        if not self.rotation:
+            # the decoder's planes travel if they can; BGR is made only if a stage reads it
+            frame = Frame.decoded(vf, **timing)
+        else:
+            image = cv2.rotate(vf.to_ndarray(format="bgr24"), _ROTATE[self.rotation])
+            frame = Frame(np.ascontiguousarray(image), **timing)
         self.frames_decoded += 1
         return frame
 

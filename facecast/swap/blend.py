@@ -12,6 +12,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from facecast.media.planes import Box
+
 BlendMode = Literal["feather", "poisson"]
 
 
@@ -276,7 +278,7 @@ def paste_crop(
     alpha: np.ndarray,
     mode: BlendMode = "feather",
     interpolation: int = cv2.INTER_CUBIC,
-) -> tuple[slice, slice] | None:
+) -> Box | None:
     """Warp ``crop`` (made from ``frame`` with ``matrix``, ``faces.align.align_crop``) back
     into ``frame`` in place, through ``alpha`` (crop-sized, 0..1): the learned swappers'
     and the face restorers' way back. Only the frame box under alpha's non-zero part is
@@ -303,11 +305,10 @@ def paste_crop(
     face = cv2.warpAffine(crop, local, size, flags=interpolation, borderMode=cv2.BORDER_REPLICATE)
     weight = cv2.warpAffine(alpha.astype(np.float32), local, size, flags=cv2.INTER_LINEAR)
     weight = np.clip(weight, 0.0, 1.0)
-    region = (slice(y0, y1), slice(x0, x1))
-    background = frame[region]
+    background = frame[y0:y1, x0:x1]
     if mode == "poisson":
         out = poisson_blend(face, background, weight)
     else:
         out = alpha_blend(face, background, weight)
-    frame[region] = out
-    return region
+    frame[y0:y1, x0:x1] = out
+    return int(x0), int(y0), int(x1), int(y1)

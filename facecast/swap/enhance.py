@@ -26,6 +26,7 @@ from facecast.faces.align import (
     gpen_template,
 )
 from facecast.faces.face import Face
+from facecast.media.planes import Box
 from facecast.models.runtime import ModelFileError, OnnxModel, fixed_dim
 from facecast.swap.blend import paste_crop
 
@@ -88,17 +89,17 @@ class FaceEnhancer:
         self.template = template(self.size)
         self.mask = face_mask(self.size, self.template) * np.float32(self.blend)
 
-    def enhance(self, frame: np.ndarray, face: Face) -> bool:
-        """Restore ``face`` in ``frame`` (BGR uint8) in place. False when nothing was done:
-        the face is too small to align, or falls outside the frame."""
+    def enhance(self, frame: np.ndarray, face: Face) -> Box | None:
+        """Restore ``face`` in ``frame`` (BGR uint8) in place; returns the box it changed.
+        None when nothing was done: the face is too small to align, or falls outside the
+        frame."""
         points = five_points(face)
         if np.linalg.norm(points[1] - points[0]) < 2.0:
-            return False
+            return None
         crop, matrix = align_crop(frame, points, self.template, self.size)
         restored = self.restore(crop)
         # linear: a restorer's crop is as large as the face or larger, nothing to enlarge
-        region = paste_crop(frame, restored, matrix, self.mask, interpolation=cv2.INTER_LINEAR)
-        return region is not None
+        return paste_crop(frame, restored, matrix, self.mask, interpolation=cv2.INTER_LINEAR)
 
     def restore(self, crop: np.ndarray) -> np.ndarray:
         """The model's restoration of an aligned BGR uint8 crop, as BGR uint8."""

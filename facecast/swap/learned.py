@@ -41,6 +41,7 @@ from facecast.errors import FacecastError
 from facecast.faces.align import align_crop, five_points, named_template
 from facecast.faces.face import Face
 from facecast.faces.recognise import ArcFaceRecogniser, normalise
+from facecast.media.planes import Box
 from facecast.models.runtime import ModelFileError, OnnxModel, fixed_dim, load_onnx
 from facecast.swap import blend
 from facecast.swap.conventions import (
@@ -298,26 +299,26 @@ class LearnedSwapper:
         source: SourceInput,
         clock: StageClock | None = None,
         settle_colour: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> bool:
+    ) -> Box | None:
         """Replace ``target`` in ``frame`` (BGR, modified in place) with ``source``.
-        Returns False when the face is too small or off-frame to swap. ``settle_colour``:
+        Returns the box of ``frame`` it changed, or None when the face is too small or
+        off-frame to swap. ``settle_colour``:
         the face's temporal colour filter (see ``blend.transfer_colour``)."""
         clock = clock or StageClock()
         with clock.stage("swap"):
             points = five_points(target)
             if float(np.linalg.norm(points[1] - points[0])) < 4.0:
-                return False  # eyes a few pixels apart: nothing the model could redraw
+                return None  # eyes a few pixels apart: nothing the model could redraw
             h, w = frame.shape[:2]
             if not (points.max(0) > 0).all() or not (points.min(0) < (w, h)).all():
-                return False  # all five points beyond one edge: no face in this frame
+                return None  # all five points beyond one edge: no face in this frame
             crop, matrix = align_crop(frame, points, self.template, self.crop_size)
             swapped = self.redraw(crop, source.value)
 
         with clock.stage("blend"):
             alpha, skin = self.masks(crop, target, matrix)
             coloured = blend.transfer_colour(swapped, crop, skin, settle_stats=settle_colour)
-            region = blend.paste_crop(frame, coloured, matrix, alpha, self.options.blend)
-        return region is not None
+            return blend.paste_crop(frame, coloured, matrix, alpha, self.options.blend)
 
     def redraw(self, crop: np.ndarray, source: np.ndarray) -> np.ndarray:
         """The model's face for an aligned ``crop_size`` crop: one run at the model's size,

@@ -27,6 +27,7 @@ from facecast.faces.face import Face
 from facecast.faces.iris import GazeReader, gaze_in_eyes, irises_at
 from facecast.faces.landmarks import Roi, roi_from_mesh
 from facecast.faces.topology import MeshTopology, mesh_topology
+from facecast.media.planes import Box
 from facecast.swap import blend
 from facecast.swap.shape import eye_opening, transfer_shape
 from facecast.swap.warp import rasterise_ids, remap, sample_maps, triangle_affines
@@ -353,14 +354,15 @@ class MeshSwapper:
         source: SourceFace,
         clock: StageClock | None = None,
         settle_colour: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> bool:
+    ) -> Box | None:
         """Replace ``target`` in ``frame`` (BGR, modified in place) with ``source``.
-        Returns False when the face is too small or off-frame to swap. ``settle_colour``:
+        Returns the box of ``frame`` it changed, or None when the face is too small or
+        off-frame to swap. ``settle_colour``:
         the face's temporal colour filter (see ``blend.transfer_colour``)."""
         clock = clock or StageClock()
         topo, opts = self.topology, self.options
         if target.mesh is None:
-            return False
+            return None
         with clock.stage("swap"):
             tgt = target.mesh[:, :2].astype(np.float64)
             new = transfer_shape(
@@ -392,7 +394,7 @@ class MeshSwapper:
             x1, y1 = np.ceil(geometry.max(0)).astype(int) + 1
             x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
             if x1 - x0 < 8 or y1 - y0 < 8:
-                return False
+                return None
             origin = np.array([x0, y0], dtype=np.float64)
             local = geometry - origin
             shape = (y1 - y0, x1 - x0)
@@ -484,4 +486,4 @@ class MeshSwapper:
                     )
                     out = blend.alpha_blend(original, out, occluder * inside)
             frame[y0:y1, x0:x1] = out
-        return True
+        return int(x0), int(y0), int(x1), int(y1)

@@ -158,19 +158,22 @@ class WhipListenSource:
     # ------------------------------------------------------------------ one session
 
     def _take(self, session: WhipSession) -> None:
-        """On the session's thread: its frames, as BGR at the first publisher's size, into
-        the pipeline's slot, until it closes."""
+        """On the session's thread: its frames, at the first publisher's size, into the
+        pipeline's slot, until it closes (as the decoder's planes while the size holds,
+        else scaled as BGR)."""
         if self.sessions:
             self.reconnects += 1
         self.sessions += 1
         self.connected = True
         try:
             for frame in session_frames(session):
-                image = bgr_at(frame, self._size)
-                self._size = self._size or (image.shape[1], image.shape[0])
-                self._frames.put(
-                    Frame(image, index=self.frames, pts=frame.pts, time_base=frame.time_base)
-                )
+                timing = {"index": self.frames, "pts": frame.pts, "time_base": frame.time_base}
+                self._size = self._size or (frame.width, frame.height)
+                if (frame.width, frame.height) == self._size:
+                    picture = Frame.decoded(frame, **timing)
+                else:
+                    picture = Frame(bgr_at(frame, self._size), **timing)
+                self._frames.put(picture)
                 self.frames += 1
         finally:
             self.connected = False

@@ -44,6 +44,7 @@ from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.errors import FacecastError
 from facecast.live.slots import Closed, LatestSlot
 from facecast.live.stats import SessionStats
+from facecast.media.frame import Frame
 from facecast.media.image_io import read_image
 from facecast.webrtc.peer import (
     CLOSE_TIMEOUT,
@@ -260,10 +261,14 @@ class WebSession:
             # no face chosen yet, or swapping off: the camera frame goes back as it came
             self.stats.faces_last = 0
             return frame
-        image = frame.to_ndarray(format="bgr24")
-        self.stats.faces_last = engine.process(image, self.stats.clock, received).faces
-        # converted here, on this thread, so the encoder's thread gets what it encodes
-        return VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
+        picture = Frame.decoded(frame)
+        self.stats.faces_last = engine.process_frame(picture, self.stats.clock, received).faces
+        # converted here, on this thread, so the encoder's thread gets what it encodes: the
+        # camera's own planes with the swapped boxes written in, when it sent 4:2:0
+        planes = picture.planes()
+        if planes is not None:
+            return VideoFrame.from_ndarray(planes, format="yuv420p")
+        return VideoFrame.from_ndarray(picture.image, format="bgr24").reformat(format="yuv420p")
 
     def set_face(self, images: list[np.ndarray], name: str) -> None:
         """Blocking (a tiled detection): call off the event loop. Raises NoFaceError and
