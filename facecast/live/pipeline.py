@@ -27,7 +27,7 @@ from facecast.config import StreamSettings
 from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.errors import FacecastError
 from facecast.live.budget import running
-from facecast.live.rate import RATE_LEVELS, RateController
+from facecast.live.rate import RATE_LEVELS, RateController, RateGate
 from facecast.live.slots import Closed, DropOldestQueue, LatestSlot
 from facecast.live.stats import LiveStats
 from facecast.media.frame import AudioChunk, Frame
@@ -96,6 +96,7 @@ class LivePipeline:
         self.processed: LatestSlot[Frame] = LatestSlot(lossless)
         self.audio: DropOldestQueue[AudioChunk] = DropOldestQueue(AUDIO_QUEUE)
         self.rate = RateController()
+        self.rate_gate = RateGate()
         self._last_input = 0.0
         self._errors: list[BaseException] = []
 
@@ -221,6 +222,9 @@ class LivePipeline:
             frame = self.decoded.get(0.2)
             if frame is None:
                 continue
+            if self._left_out_for_rate(frame):
+                self.stats.frames_rate_skipped += 1
+                continue
             start = time.perf_counter()
             if self.swapping:
                 try:
@@ -264,13 +268,18 @@ class LivePipeline:
                     last_write = now
                 continue
             last = frame
-            if self.stats.rate_level < 1.0 and now - last_write < interval * 0.9:
-                self.stats.frames_rate_skipped += 1
-                continue
             self._write(frame, held=False)
             last_write = now
 
     # ------------------------------------------------------------------ output helpers
+
+    def _left_out_for_rate(self, frame: Frame) -> bool:
+        """At a stepped-down output rate, whether ``frame`` is one to leave out (see
+        ``RateGate``); never for a lossless input, whose rate is never stepped down."""
+        if self.lossless or self.stats.rate_level >= 1.0:
+            self.rate_gate.reset()
+            return False
+        return not self.rate_gate.admit(frame.t_ingest, self._frame_interval())
 
     def _frame_interval(self) -> float:
         fps = float(self.source.fps or 30) * self.stats.rate_level

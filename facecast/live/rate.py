@@ -53,3 +53,32 @@ class RateController:
         else:
             self.easy_since = None
         return None
+
+
+class RateGate:
+    """Which frames go on to the swap at a stepped-down output rate: a token bucket filled
+    at that rate, so a 30 fps input at 25 fps keeps 5 frames of 6 whatever the timestamps'
+    jitter, and a swap that already runs slower than the rate keeps every frame it takes.
+    Left out before the swap, not after it: the frames left out cost nothing, and every
+    frame the swap paid for is sent."""
+
+    BURST = 2.0  # tokens the bucket holds: room for a frame that comes a little early
+
+    def __init__(self) -> None:
+        self.tokens = self.BURST
+        self.last: float | None = None
+
+    def reset(self) -> None:
+        """Full again, for the next step down."""
+        self.tokens, self.last = self.BURST, None
+
+    def admit(self, t: float, interval: float) -> bool:
+        """Whether the frame that came in at ``t`` (seconds) goes on, at one frame per
+        ``interval`` seconds."""
+        if self.last is not None:
+            self.tokens = min(self.BURST, self.tokens + max(t - self.last, 0.0) / interval)
+        self.last = t
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
