@@ -34,7 +34,7 @@ from tests.live_helpers import (
 from .conftest import MEDIA
 from .media_helpers import identity_distances
 from .test_ingest_security import lan_address, refused
-from .test_live_stream import grab_face_frames
+from .test_live_stream import SINGER_WIDTH, grab_face_frames
 from .test_service import embedding, write_profiles
 
 live_procs = live_helpers.live_procs
@@ -171,7 +171,7 @@ def test_keys_spread_over_workers_with_their_own_faces_and_move_when_a_worker_go
     # each output carries its own key's face, whichever worker runs it
     refs = {name: embedding(analyser, embedder, name) for name in FACES.values()}
     for key, face in FACES.items():
-        frames = grab_face_frames(cluster.output(key), analyser, 6, 40)
+        frames = grab_face_frames(cluster.output(key), analyser, 6, 40, min_width=SINGER_WIDTH)
         distances = identity_distances(analyser, embedder, frames, refs)
         print(key, face, {k: round(v, 3) for k, v in distances.items()})
         assert min(distances, key=distances.get) == face, (key, distances)
@@ -250,7 +250,7 @@ def test_a_store_restart_loses_no_key_and_runs_none_twice_and_profiles_reach_wor
     assert wait_until(lambda: "k1" not in cluster.view()["owners"], 15, 0.3), cluster.view()
     cluster.publish("k1")
     refs = {n: embedding(analyser, embedder, n) for n in ("biden.jpg", "people/jolie1.jpg")}
-    frames = grab_face_frames(cluster.output("k1"), analyser, 6, 40)
+    frames = grab_face_frames(cluster.output("k1"), analyser, 6, 40, min_width=SINGER_WIDTH)
     distances = identity_distances(analyser, embedder, frames, refs)
     print("k1 after the API change", distances)
     assert distances["people/jolie1.jpg"] < distances["biden.jpg"]
