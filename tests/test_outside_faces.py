@@ -11,6 +11,7 @@ than the transcode itself differs from the original."""
 from __future__ import annotations
 
 import itertools
+import subprocess
 from pathlib import Path
 
 import av
@@ -21,7 +22,7 @@ from facecast.engine.files import swap_video_file
 from facecast.engine.pipeline import EngineOptions, SwapEngine
 from facecast.faces.analyse import FaceAnalyser
 from facecast.media.image_io import read_image
-from facecast.media.planes import ColourTags, chroma, even_box
+from facecast.media.planes import BT601, ColourTags, chroma, even_box
 from facecast.media.sink import VideoFileSink, VideoQuality, transcode
 from facecast.media.source import VideoFileSource
 
@@ -123,3 +124,35 @@ def test_the_decoders_planes_reach_the_encoder_bit_for_bit_outside_the_changed_b
         ):
             assert np.array_equal(plane_before[chroma_keep], plane_after[chroma_keep])
         assert not np.array_equal(before, after)  # the label at least is in every frame
+
+
+@pytest.mark.parametrize(
+    ("pix_fmt", "planes"),
+    [("yuv420p", True), ("yuvj420p", False), ("yuv444p", False)],
+)
+def test_frames_keep_their_planes_only_where_opencv_reads_them_right(tmp_path, pix_fmt, planes):
+    """8-bit 4:2:0 limited range travels as planes and keeps its tags; full range (JPEG's
+    yuvj420p) and 4:4:4 come as BGR made by swscale, and the output is tagged as what
+    OpenCV's conversion gives (BT.601). Either way the picture survives a plain transcode."""
+    clip = tmp_path / f"{pix_fmt}.mkv"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(MEDIA / "short_hamilton_clip.mp4"), "-frames:v",
+         "12", "-an", "-vf", "scale=320:180", "-pix_fmt", pix_fmt, "-c:v", "libx264",
+         "-crf", "10", str(clip)],
+        check=True,
+    )  # fmt: skip
+    out = tmp_path / "out.mkv"
+    with VideoFileSource(clip) as src:
+        first = next(src.frames())
+        assert (first.i420 is not None) == planes
+        expected_tags = src.colours
+    assert (expected_tags == BT601) != planes
+    transcode(clip, out, lambda frame: None, quality=VideoQuality(crf=10))
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert ColourTags.of(stream.codec_context) == expected_tags
+    shift = [
+        np.abs(a.astype(np.int16) - b).mean()
+        for a, b in zip(decoded(clip), decoded(out), strict=True)
+    ]
+    assert max(shift) < 3.0  # the encoder's noise, no colour shift
