@@ -191,15 +191,15 @@ def test_a_stepped_down_rate_leaves_frames_out_before_the_swap(engine):
 
 def test_a_failing_frame_is_counted_and_the_stream_goes_on(engine, monkeypatch):
     calls = {"n": 0}
-    real = engine.process
+    real = engine.analyse  # where a frame enters the engine, whichever entry point
 
-    def flaky(image, clock=None):
+    def flaky(image, clock=None, seconds=None):
         calls["n"] += 1
         if calls["n"] % 5 == 0:
             raise ValueError("simulated bad frame")
-        return real(image, clock)
+        return real(image, clock, seconds)
 
-    monkeypatch.setattr(engine, "process", flaky)
+    monkeypatch.setattr(engine, "analyse", flaky)
     source = PacedSource(fps=15, seconds=2.0)
     sink = RecordingSink()
     _, stats = run_pipeline(engine, source, sink, seconds=2.3)

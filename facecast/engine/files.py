@@ -227,9 +227,7 @@ def swap_video_file(
         def render(item: object) -> object:
             if isinstance(item, tuple):  # (frame, plan): swap it; audio passes as it is
                 frame, plan = item
-                result = engine.render(frame.image, plan, clock)
-                frame.changed = result.changed
-                stats.count(result)
+                stats.count(engine.render_frame(frame, plan, clock))
                 if progress:
                     progress(stats.frames, total)
                 return frame

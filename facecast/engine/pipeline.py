@@ -256,9 +256,15 @@ class SwapEngine:
     def process_frame(
         self, frame: Frame, clock: StageClock | None = None, seconds: float | None = None
     ) -> FrameResult:
-        """``process`` on a ``Frame``'s picture, and the frame told which boxes changed, so
+        """``process`` on a ``Frame`` (see ``render_frame``)."""
+        return self.render_frame(frame, self.analyse(frame.image, clock, seconds), clock)
+
+    def render_frame(
+        self, frame: Frame, plan: FramePlan, clock: StageClock | None = None
+    ) -> FrameResult:
+        """``render`` on a ``Frame``'s picture, and the frame told which boxes changed, so
         only those go back into its planes (``Frame.planes``)."""
-        result = self.process(frame.image, clock, seconds)
+        result = self.render(frame.image, plan, clock)
         frame.changed = result.changed
         return result
 

@@ -48,7 +48,7 @@ from facecast.media.output_plan import OutputPlan, plan_output
 from facecast.media.planes import BT601, ColourTags
 from facecast.media.srt_bridge import check_srt_endpoint
 from facecast.media.urls import redact
-from facecast.media.video_encode import bgr_to_video_frame, fit_image, planes_for
+from facecast.media.video_encode import encoder_frame
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +207,7 @@ class StreamSink(OutputState):
             # what the frames before are still waiting for, now that this one is due
             self.send_queue = udp_send_queue(conn.local_port)
             self.backed_up = self.send_queue is not None and self.send_queue >= BACKLOG_BYTES
-        planes = planes_for(frame, self.width, self.height, self._encoder.colours)
-        if planes is not None:
-            vf = av.VideoFrame.from_ndarray(planes, format="yuv420p")
-        else:
-            vf = bgr_to_video_frame(fit_image(frame.image, self.width, self.height)[0])
+        vf = encoder_frame(frame, self.width, self.height, self._encoder.colours)
         vf.pts = self._clock.next_pts(at)
         vf.time_base = self.time_base
         if (

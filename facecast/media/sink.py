@@ -27,7 +27,7 @@ from facecast.media.frame import Frame
 from facecast.media.mark import MARK_KEY, make_mark, sei_text
 from facecast.media.planes import BT601, ColourTags
 from facecast.media.source import VideoFileSource
-from facecast.media.video_encode import SeiMarker, bgr_to_video_frame, fit_image, planes_for
+from facecast.media.video_encode import SeiMarker, encoder_frame, fit_image
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +254,7 @@ class VideoFileSink:
 
     def write(self, frame: Frame) -> None:
         """Encode one frame, keeping its timestamp (rescaled if its time base differs)."""
-        planes = planes_for(frame, self.width, self.height, self.colours)
-        if planes is not None:
-            vf = av.VideoFrame.from_ndarray(planes, format="yuv420p")
-        else:
-            vf = bgr_to_video_frame(self._fit(frame.image))
+        vf = encoder_frame(frame, self.width, self.height, self.colours, self._fit)
         vf.pts = self._next_pts(frame)
         vf.time_base = self.time_base
         self._mux(self._encoded(self._video.encode(vf)))

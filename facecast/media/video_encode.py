@@ -1,11 +1,12 @@
-"""What the file and the live outputs share to encode video: a frame's own planes when the
-encoder can take them as they are (``planes_for``), else its BGR picture fitted to the
-output size and converted to yuv420p; and the in-band mark (``SeiMarker``) in every H.264
-keyframe."""
+"""What the file and the live outputs share to encode video: the picture an encoder gets
+for a frame (``encoder_frame``: the frame's own planes when the encoder can take them as
+they are, else its BGR picture fitted to the output size and converted to yuv420p), and
+the in-band mark (``SeiMarker``) in every H.264 keyframe."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import av
 import av.bitstream
@@ -108,15 +109,22 @@ class SeiMarker:
         return out
 
 
-def planes_for(frame: Frame, width: int, height: int, colours: ColourTags) -> np.ndarray | None:
-    """``frame``'s own I420 planes (its changes written in) when an encoder of ``width`` x
-    ``height`` tagged ``colours`` can take them as they are; None: encode its BGR picture
-    (``bgr_to_video_frame``) instead."""
-    if frame.i420 is None or frame.colours != colours:
-        return None
-    if (frame.width, frame.height) != (width, height):
-        return None
-    return frame.planes()
+def encoder_frame(
+    frame: Frame,
+    width: int,
+    height: int,
+    colours: ColourTags,
+    fit: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> av.VideoFrame:
+    """What an encoder of ``width`` x ``height`` tagged ``colours`` gets for ``frame``: its
+    own I420 planes (its changes written in) when they have that size and those tags, else
+    its BGR picture made to that size by ``fit`` (default ``fit_image``) and converted."""
+    fits = frame.colours == colours and (frame.width, frame.height) == (width, height)
+    planes = frame.planes() if fits else None  # None too for a frame that has no planes
+    if planes is not None:
+        return av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    image = fit(frame.image) if fit else fit_image(frame.image, width, height)[0]
+    return bgr_to_video_frame(image)
 
 
 def bgr_to_video_frame(image: np.ndarray) -> av.VideoFrame:
@@ -138,4 +146,4 @@ def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, b
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA), True
 
 
-__all__ = ["SeiMarker", "bgr_to_video_frame", "fit_image", "planes_for"]
+__all__ = ["SeiMarker", "bgr_to_video_frame", "encoder_frame", "fit_image"]
